@@ -1,0 +1,1 @@
+"""peftops microbenchmarks: ``python -m bench`` (see bench/harness.py)."""

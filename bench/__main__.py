@@ -1,0 +1,114 @@
+"""python -m bench [--only NAME] [--once] [--profile] [--quick] [--no-compile] [--out DIR]
+
+Runs every case of bench/<family>.py on the available device (CUDA if present), prints a table
+(reference, torch.compile(reference), peftops, speedups, GB/s or TFLOP/s, % of the roofline
+measured in the same run) and writes JSON + a PNG of the size sweeps under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+import torch
+
+from .harness import FAMILIES, environment, format_table, measure_roofline, plot, run_case, to_json
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--only", action="append", default=[], help="run cases whose name contains this (repeatable)")
+    ap.add_argument("--once", action="store_true", help="one warm-up and one timed call per path (for Nsight Compute)")
+    ap.add_argument("--profile", action="store_true", help="write a torch profiler trace per case to --out")
+    ap.add_argument("--quick", action="store_true", help="small shapes (default on CPU)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
+    ap.add_argument("--model", action="store_true", help="whole-model training-step benchmark (bench/model.py)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--list", action="store_true", help="list case names and exit")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick or device.type != "cuda"
+    if device.type != "cuda":
+        print("NOTE: no GPU: running small shapes on CPU (reference vs peftops CPU paths). "
+              "Kernel timings and roofline figures need a CUDA GPU.")
+
+    if args.model:
+        from . import model as model_bench
+
+        return model_bench.main(device, quick=quick, out_dir=args.out)
+
+    cases = []
+    for fam in FAMILIES:
+        try:
+            mod = importlib.import_module(f"bench.{fam}")
+        except ModuleNotFoundError as e:
+            if e.name == f"bench.{fam}":
+                continue
+            raise
+        cases.extend(mod.cases(device, quick))
+    if args.only:
+        cases = [c for c in cases if any(o in c.name for o in args.only)]
+    if args.list:
+        for c in cases:
+            print(f"{c.name:28s} {c.shape}")
+        return 0
+    if not cases:
+        print("no case matches", args.only)
+        return 1
+
+    env = environment(device)
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    roof = measure_roofline(device)
+    if device.type == "cuda":
+        print(f"roofline (this run): copy {roof['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+              f"bf16 GEMM {roof['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    results = []
+    try:
+        from tqdm import tqdm
+    except Exception:  # pragma: no cover
+        def tqdm(x, **_):
+            return x
+    os.makedirs(args.out, exist_ok=True)
+    for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
+        if args.profile:
+            _profile(case, device, args.out)
+        results.append(run_case(case, device, once=args.once, compile_ref=not args.no_compile))
+
+    print(format_table(results, roof))
+    tag = f"{device.type}-{env['device'].replace(' ', '_').replace('/', '_')}"
+    if args.only or args.once:
+        tag += "-partial"
+    json_path = os.path.join(args.out, f"{tag}.json")
+    with open(json_path, "w") as f:
+        json.dump(to_json(results, roof, env), f, indent=1, default=float)
+    print(f"wrote {json_path}")
+    png = os.path.join(args.out, f"{tag}.png")
+    if plot(results, png):
+        print(f"wrote {png}")
+    else:
+        print("no plot (matplotlib missing or no sweep)")
+    return 0
+
+
+def _profile(case, device, out_dir):
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = case.make()
+    case.peftops(inputs)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        case.reference(inputs)
+        case.peftops(inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    path = os.path.join(out_dir, f"{case.name}.{case.sweep[1] if case.sweep else 0}.trace.json")
+    prof.export_chrome_trace(path)
+    print(f"profile: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="peftops",
+    version="0.1.0",
+    description="Fused Triton kernels for parameter-efficient fine-tuning: SIFT, AoT P-Tuning, WeGeFT, SAFE",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ ships as peftops.kernels: the top-level name `kernels` belongs to Hugging Face.
+    packages=["peftops", "peftops.kernels"],
+    package_dir={"peftops": "peftops", "peftops.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.6; platform_system == 'Linux'",
+        "transformers>=4.46",
+        "safetensors>=0.4",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "accelerate"],
+        "demo": ["peft>=0.13", "matplotlib"],
+    },
+)

@@ -1,0 +1,37 @@
+"""Repository-wide pytest setup.
+
+On a machine without CUDA the Triton kernels run in triton's CPU interpreter: TRITON_INTERPRET
+must be set before triton is first imported, so it is set here, before any test module loads.
+``--benchmark`` enables the pytest-benchmark cases in tests/test_bench.py (skipped otherwise).
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before conftest could set TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--benchmark", action="store_true", default=False,
+                     help="run the microbenchmarks (tests/test_bench.py) through pytest-benchmark")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "benchmark_case: a bench/ case run through pytest-benchmark (needs --benchmark)")
+    config.addinivalue_line("markers", "slow: a longer end-to-end test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--benchmark"):
+        return
+    skip = pytest.mark.skip(reason="benchmark case: run with pytest --benchmark")
+    for item in items:
+        if "benchmark_case" in item.keywords:
+            item.add_marker(skip)
