@@ -37,7 +37,13 @@ def main(argv=None) -> int:
               "Kernel timings and roofline figures need a CUDA GPU.")
 
     if args.model:
-        from . import model as model_bench
+        try:
+            from . import model as model_bench
+        except ModuleNotFoundError as e:
+            if e.name != "bench.model":
+                raise
+            print("--model: the whole-model benchmark (bench/model.py) is not part of this version yet")
+            return 2
 
         return model_bench.main(device, quick=quick, out_dir=args.out)
 
