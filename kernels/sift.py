@@ -1,0 +1,911 @@
+"""SIFT kernels (DESIGN §1): score accumulation, exact top-k selection, the sparse weight gradient
+(SDDMM at the selected indices), the merged-weight write and the fused sparse AdamW step.
+
+Shapes. A targeted weight W is [d_out, d_in]; the index set I holds k flat indices into W.flatten()
+(ascending), rows = I // d_in, cols = I % d_in. The layer keeps fp32 copies of W0[I] and delta [k].
+
+Public ops (validate, then Triton when ``use_triton(t)`` else the PyTorch reference):
+  abs_accumulate_(acc, grad)                acc += |grad|                     (fp32 acc, in place)
+  topk_abs_select(scores, k)                ascending flat indices of the k largest |scores|
+  sddmm_at_indices(dy, x, rows, cols)       out[m] = sum_t dy[t, rows[m]] * x[t, cols[m]]
+  scatter_merged_(weight, idx, w0, delta)   weight.view(-1)[idx] = round(w0 + delta)
+  sparse_adamw_step_(...)                   torch.optim.AdamW on delta, then the write above
+
+Top-k (exact, deterministic, one pass over the scores). Nonnegative floats order like their bit
+patterns read as integers, so |s| is the key ``bits & 0x7FF..F`` (sign bit dropped: |-0| = +0,
+subnormals and all widths alike; fp64 uses 63-bit int64 keys). Pipeline, all on the device with
+one host sync at the end:
+  1. sample (1 program): zero the control block; read S keys at golden-ratio positions and take
+     the r-th largest as a lower bound L, r chosen so that count(|s| >= L) >= k holds with a
+     ~4.5 sigma margin (L = 0, i.e. every entry a candidate, for small inputs or large k);
+  2. compact (the only pass over the scores): per block of BLOCK entries, candidates |s| >= L are
+     written in index order to a segment of a candidate buffer (slot from an atomic counter), with
+     the block's (start, count); NaN/Inf are counted here too;
+  3. radix passes over the candidates only: 11-bit digits from the top; each program builds its
+     2048-bin histogram as one-hot(high 6 bits)^T @ one-hot(low 5 bits) on the tensor cores, adds
+     it into a global histogram with masked atomics; the last program to finish (atomic ticket)
+     picks the digit holding the k-th largest key and stores (prefix, rank left) for the next
+     pass. After the last pass the prefix is the exact threshold key T and ``need_eq`` the number
+     of keys == T to keep (the lowest-index ones);
+  4. count: per block, #(key > T) and #(key == T); the last program scans them in block order;
+  5. write: per block, keep key > T and the ties whose global tie rank < need_eq, at
+     out[base_b + in-block rank]: ascending flat indices, no sort anywhere.
+The host then reads (candidates, NaN/Inf) once: NaN/Inf raise; if the sample bound was unlucky
+(fewer than k candidates) or too loose (buffer overflow) the pipeline reruns with L = 0 / a buffer
+of the exact size. Results never depend on timing: same input, same output.
+
+SDDMM (DESIGN §5). A random 1% mask touches every dense tile, so the win over dY^T X comes from
+operand reuse on 1% of the FLOPs. Gathers along T from row-major [T, d] tensors are strided (one
+32-byte sector per element), so dY and X are first transposed once ([d, T], T contiguous: every
+entry then reads whole 128-byte lines). Entries are grouped by blocks of GROUP_ROWS rows of W and
+ordered by (column, row) inside a group: a program owns one group and one slice of T, so the
+group's dY^T rows (GROUP_ROWS x BLOCK_T) stay in L1 across the group's entries, and the entries
+sharing a column are adjacent and read their X^T line once. Per-slice partial sums go to a
+[n_split, k] buffer that one more kernel reduces in a fixed order (deterministic, no atomics).
+The grouping (a sort of the k entries) depends only on (rows, cols, shapes) and is cached per
+index tensor, so a training loop pays it once.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_index_range, check_same_device, check_tensor
+from ._dispatch import HAS_TRITON, CompileSpec, autotune, interpreting, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = [
+    "abs_accumulate_", "abs_accumulate_reference_",
+    "topk_abs_select", "topk_abs_select_reference",
+    "sddmm_at_indices", "sddmm_at_indices_reference",
+    "scatter_merged_", "scatter_merged_reference_",
+    "sparse_adamw_step_", "sparse_adamw_step_reference_",
+]
+
+# top-k control block (int64 words at the start of the workspace), then 6 rows of per-block stats
+_CTRL_NCAND = 0          # candidates found by the compaction pass (all of them, even past capacity)
+_CTRL_NONFINITE = 1      # NaN/Inf entries seen
+_CTRL_LOWER = 2          # the sampled lower bound L on the keys
+_CTRL_COUNT_TICKET = 3   # programs of the count kernel that finished
+_CTRL_PASS_TICKET = 8    # + pass: programs of radix pass `pass` that finished (8 passes at most)
+_CTRL_STATE = 16         # + 2*pass: (key prefix, rank left) before radix pass `pass`; after the last = (T, need_eq)
+_CTRL_HIST = 40          # + pass*2048: histogram of radix pass `pass`
+_STAT_SEG_START, _STAT_SEG_COUNT, _STAT_GT, _STAT_EQ, _STAT_BASE, _STAT_EQ_BEFORE = range(6)
+_DIGIT_BITS = 11         # radix digit = 6 high bits x 5 low bits (one-hot MMA 64 x 32)
+_NBINS_HI, _NBINS_LO = 64, 32
+_NBINS = _NBINS_HI * _NBINS_LO
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    # module constants used inside kernels must be constexpr globals
+    C_NCAND = tl.constexpr(_CTRL_NCAND)
+    C_NONFINITE = tl.constexpr(_CTRL_NONFINITE)
+    C_LOWER = tl.constexpr(_CTRL_LOWER)
+    C_COUNT_TICKET = tl.constexpr(_CTRL_COUNT_TICKET)
+    C_PASS_TICKET = tl.constexpr(_CTRL_PASS_TICKET)
+    C_STATE = tl.constexpr(_CTRL_STATE)
+    C_HIST = tl.constexpr(_CTRL_HIST)
+    S_SEG_START = tl.constexpr(_STAT_SEG_START)
+    S_SEG_COUNT = tl.constexpr(_STAT_SEG_COUNT)
+    S_GT = tl.constexpr(_STAT_GT)
+    S_EQ = tl.constexpr(_STAT_EQ)
+    S_BASE = tl.constexpr(_STAT_BASE)
+    S_EQ_BEFORE = tl.constexpr(_STAT_EQ_BEFORE)
+    NBINS_HI = tl.constexpr(_NBINS_HI)
+    NBINS_LO = tl.constexpr(_NBINS_LO)
+    NBINS = tl.constexpr(_NBINS)
+
+    # ---------------------------------------------------------------- abs_accumulate_
+    @triton.jit
+    def _abs_accumulate_kernel(acc_ptr, grad_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        acc = tl.load(acc_ptr + offs, mask=m)
+        g = tl.load(grad_ptr + offs, mask=m).to(acc.dtype)
+        tl.store(acc_ptr + offs, acc + tl.abs(g), mask=m)
+
+    # ---------------------------------------------------------------- top-k select
+    @triton.jit
+    def _abs_key(bits, KEY_BITS: tl.constexpr):
+        """|x| as a nonnegative integer that orders like |x| (int32; int64 for fp64)."""
+        if KEY_BITS == 63:
+            return bits & 0x7FFFFFFFFFFFFFFF
+        else:
+            return bits.to(tl.int32) & ((1 << KEY_BITS) - 1)
+
+    @triton.jit
+    def _topk_sample_kernel(bits_ptr, ws_ptr, n, k, rank, ctrl_len,
+                            KEY_BITS: tl.constexpr, SAMPLE: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+        """One program: zero the control block, set the pass-0 state (prefix 0, rank k) and the
+        lower bound L = the rank-th largest of SAMPLE sampled keys (L = 0 when rank == 0)."""
+        for z0 in range(0, ctrl_len, ZERO_BLOCK):
+            zo = z0 + tl.arange(0, ZERO_BLOCK)
+            tl.store(ws_ptr + zo, tl.zeros([ZERO_BLOCK], tl.int64), mask=zo < ctrl_len)
+        tl.debug_barrier()  # the zeroing stores above and the stores below touch the same words
+        tl.store(ws_ptr + C_STATE + 1, tl.zeros([], tl.int64) + k)  # k may arrive as constexpr 1
+        if rank > 0:
+            i = tl.arange(0, SAMPLE).to(tl.int64)
+            frac24 = ((i * 2654435769) & 0xFFFFFFFF) >> 8  # golden-ratio sequence: rows and columns alike
+            idx = (frac24 * n) >> 24
+            key = _abs_key(tl.load(bits_ptr + idx), KEY_BITS)
+            # largest v with #(key >= v) >= rank, built bit by bit from the top
+            lower = tl.zeros([], key.dtype)
+            one = tl.full([], 1, key.dtype)
+            for b in range(KEY_BITS - 1, -1, -1):
+                trial = lower | (one << b)
+                hits = tl.sum((key >= trial).to(tl.int32), axis=0)
+                lower = tl.where(hits >= rank, trial, lower)
+            tl.store(ws_ptr + C_LOWER, lower.to(tl.int64))
+
+    @triton.jit
+    def _topk_compact_kernel(bits_ptr, ws_ptr, cand_key_ptr, cand_off_ptr, n, cap, nblocks, ctrl_len,
+                             KEY_BITS: tl.constexpr, INF_KEY: tl.constexpr, BLOCK: tl.constexpr):
+        """The one pass over the scores: write the block's candidates (key >= L) in index order
+        to its segment of the candidate buffer; count NaN/Inf."""
+        pid = tl.program_id(0)
+        local = tl.arange(0, BLOCK)
+        offs = pid.to(tl.int64) * BLOCK + local
+        m = offs < n
+        key = _abs_key(tl.load(bits_ptr + offs, mask=m, other=0), KEY_BITS)
+        nonfinite = tl.sum((m & (key >= INF_KEY)).to(tl.int32), axis=0)
+        tl.atomic_add(ws_ptr + C_NONFINITE, nonfinite.to(tl.int64), mask=nonfinite > 0, sem="relaxed")
+        lower = tl.load(ws_ptr + C_LOWER).to(key.dtype)
+        cand = (m & (key >= lower)).to(tl.int32)
+        count = tl.sum(cand, axis=0).to(tl.int64)
+        base = tl.atomic_add(ws_ptr + C_NCAND, count, sem="relaxed")
+        rank = tl.cumsum(cand, axis=0) - cand  # int32 offsets off one 64-bit base: cheap addresses
+        keep = (cand != 0) & (rank < cap - base)
+        tl.store(cand_key_ptr + base + rank, key, mask=keep)
+        tl.store(cand_off_ptr + base + rank, local, mask=keep)
+        stat = ws_ptr + ctrl_len
+        tl.store(stat + S_SEG_START * nblocks + pid, base)
+        tl.store(stat + S_SEG_COUNT * nblocks + pid, tl.minimum(tl.maximum(cap - base, 0), count))
+
+    @triton.jit
+    def _topk_radix_pass_kernel(cand_key_ptr, ws_ptr, cap, chunk, pass_idx, shift, width, TILE: tl.constexpr):
+        """Histogram of the digit (key >> shift) & (2^width - 1) over the candidates whose higher
+        bits equal the current prefix; the last program picks the digit of the wanted rank."""
+        pid = tl.program_id(0)
+        n_cand = tl.minimum(tl.load(ws_ptr + C_NCAND), cap)
+        prefix = tl.load(ws_ptr + C_STATE + 2 * pass_idx)
+        hi_ids = tl.arange(0, NBINS_HI)
+        lo_ids = tl.arange(0, NBINS_LO)
+        counts = tl.zeros([NBINS_HI, NBINS_LO], tl.float32)  # exact: a program sees < 2^24 keys
+        start = pid.to(tl.int64) * chunk
+        end = tl.minimum(start + chunk, n_cand)
+        for i0 in range(start, end, TILE):
+            i = i0 + tl.arange(0, TILE)
+            valid = i < end
+            key = tl.load(cand_key_ptr + i, mask=valid, other=0).to(tl.int64)
+            match = valid & ((key >> (shift + width)) == prefix)
+            digit = ((key >> shift) & ((1 << width) - 1)).to(tl.int32)
+            onehot_hi = ((hi_ids[:, None] == (digit >> 5)[None, :]) & match[None, :]).to(tl.float16)
+            onehot_lo = ((digit & (NBINS_LO - 1))[:, None] == lo_ids[None, :]).to(tl.float16)
+            counts = tl.dot(onehot_hi, onehot_lo, counts)
+        hist = counts.to(tl.int64)
+        hist_ptr = ws_ptr + C_HIST + pass_idx * NBINS
+        tl.atomic_add(hist_ptr + hi_ids[:, None] * NBINS_LO + lo_ids[None, :], hist, mask=hist != 0, sem="relaxed")
+        tl.debug_barrier()  # every thread's histogram atomics precede the release below
+        ticket = tl.atomic_add(ws_ptr + C_PASS_TICKET + pass_idx, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            need = tl.load(ws_ptr + C_STATE + 2 * pass_idx + 1)
+            ids = tl.arange(0, NBINS)
+            h = tl.load(hist_ptr + ids, cache_modifier=".cg")
+            at_or_above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # #keys with digit >= d
+            chosen = tl.max(tl.where(at_or_above >= need, ids, -1), axis=0)
+            above = tl.sum(tl.where(ids > chosen, h, 0), axis=0)
+            tl.store(ws_ptr + C_STATE + 2 * pass_idx + 2, (prefix << width) | chosen.to(tl.int64))
+            tl.store(ws_ptr + C_STATE + 2 * pass_idx + 3, need - above)
+
+    @triton.jit
+    def _topk_count_kernel(cand_key_ptr, ws_ptr, nblocks, ctrl_len, n_passes, TILE: tl.constexpr, SCAN: tl.constexpr):
+        """Per block: #(key > T), #(key == T); the last program scans them in block order into the
+        block's output base and the ties that precede it."""
+        pid = tl.program_id(0)
+        stat = ws_ptr + ctrl_len
+        threshold = tl.load(ws_ptr + C_STATE + 2 * n_passes)
+        need_eq = tl.load(ws_ptr + C_STATE + 2 * n_passes + 1)
+        seg_start = tl.load(stat + S_SEG_START * nblocks + pid)
+        seg_end = seg_start + tl.load(stat + S_SEG_COUNT * nblocks + pid)
+        n_gt = tl.zeros([], tl.int64)
+        n_eq = tl.zeros([], tl.int64)
+        for i0 in range(seg_start, seg_end, TILE):
+            i = i0 + tl.arange(0, TILE)
+            valid = i < seg_end
+            key = tl.load(cand_key_ptr + i, mask=valid, other=0).to(tl.int64)
+            n_gt += tl.sum((valid & (key > threshold)).to(tl.int64), axis=0)
+            n_eq += tl.sum((valid & (key == threshold)).to(tl.int64), axis=0)
+        tl.store(stat + S_GT * nblocks + pid, n_gt)
+        tl.store(stat + S_EQ * nblocks + pid, n_eq)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ws_ptr + C_COUNT_TICKET, 1, sem="acq_rel")
+        if ticket == nblocks - 1:
+            gt_carry = tl.zeros([], tl.int64)
+            eq_carry = tl.zeros([], tl.int64)
+            for b0 in range(0, nblocks, SCAN):
+                b = b0 + tl.arange(0, SCAN)
+                bm = b < nblocks
+                g = tl.load(stat + S_GT * nblocks + b, mask=bm, other=0, cache_modifier=".cg")
+                e = tl.load(stat + S_EQ * nblocks + b, mask=bm, other=0, cache_modifier=".cg")
+                eq_before = eq_carry + tl.cumsum(e, axis=0) - e
+                gt_before = gt_carry + tl.cumsum(g, axis=0) - g
+                tl.store(stat + S_BASE * nblocks + b, gt_before + tl.minimum(eq_before, need_eq), mask=bm)
+                tl.store(stat + S_EQ_BEFORE * nblocks + b, eq_before, mask=bm)
+                gt_carry += tl.sum(g, axis=0)
+                eq_carry += tl.sum(e, axis=0)
+
+    @triton.jit
+    def _topk_write_kernel(cand_key_ptr, cand_off_ptr, ws_ptr, out_ptr, k, nblocks, ctrl_len, n_passes,
+                           BLOCK: tl.constexpr, TILE: tl.constexpr):
+        """Per block: the selected entries (key > T, or key == T with global tie rank < need_eq)
+        go to out[base + rank within the block], i.e. ascending flat index."""
+        pid = tl.program_id(0)
+        stat = ws_ptr + ctrl_len
+        threshold = tl.load(ws_ptr + C_STATE + 2 * n_passes)
+        need_eq = tl.load(ws_ptr + C_STATE + 2 * n_passes + 1)
+        seg_start = tl.load(stat + S_SEG_START * nblocks + pid)
+        seg_end = seg_start + tl.load(stat + S_SEG_COUNT * nblocks + pid)
+        base = tl.load(stat + S_BASE * nblocks + pid)
+        eq_rank0 = tl.load(stat + S_EQ_BEFORE * nblocks + pid)
+        block_start = pid.to(tl.int64) * BLOCK
+        for i0 in range(seg_start, seg_end, TILE):
+            i = i0 + tl.arange(0, TILE)
+            valid = i < seg_end
+            key = tl.load(cand_key_ptr + i, mask=valid, other=0).to(tl.int64)
+            off = tl.load(cand_off_ptr + i, mask=valid, other=0)
+            tie = (valid & (key == threshold)).to(tl.int64)
+            tie_rank = eq_rank0 + tl.cumsum(tie, axis=0) - tie
+            sel = (valid & (key > threshold)) | ((tie != 0) & (tie_rank < need_eq))
+            sel64 = sel.to(tl.int64)
+            pos = base + tl.cumsum(sel64, axis=0) - sel64
+            tl.store(out_ptr + pos, block_start + off, mask=sel & (pos < k))
+            base += tl.sum(sel64, axis=0)
+            eq_rank0 += tl.sum(tie, axis=0)
+
+    # ---------------------------------------------------------------- SDDMM at indices
+    _SDDMM_CONFIGS = [
+        triton.Config({"BLOCK_E": 128}, num_warps=4),
+        triton.Config({"BLOCK_E": 256}, num_warps=8),
+        triton.Config({"BLOCK_E": 64}, num_warps=4),
+    ]
+
+    @autotune(configs=_SDDMM_CONFIGS, key=["t_bucket", "group_rows"],
+              interpret_config=triton.Config({"BLOCK_E": 16}))
+    @triton.jit
+    def _sddmm_partial_kernel(dyt_ptr, xt_ptr, e_row_ptr, e_col_ptr, group_start_ptr, partial_ptr,
+                              T, t_split, k, t_bucket, group_rows,
+                              ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+        """partial[s, e] = sum over the T-slice s of dy^T[row_e, t] * x^T[col_e, t] for the entries e
+        of one row group (ordered by column). T-slice outer, entries inner: the group's dy^T
+        rows for the current BLOCK_T columns stay in L1 while the entries sweep over them."""
+        group = tl.program_id(0)
+        split = tl.program_id(1)
+        e_begin = tl.load(group_start_ptr + group)
+        e_end = tl.load(group_start_ptr + group + 1)
+        t_begin = split * t_split
+        t_end = tl.minimum(T, t_begin + t_split)
+        out_row = partial_ptr + split.to(tl.int64) * k
+        for t0 in range(t_begin, t_end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < t_end
+            for e0 in range(e_begin, e_end, BLOCK_E):
+                e = e0 + tl.arange(0, BLOCK_E)
+                e_ok = e < e_end
+                r = tl.load(e_row_ptr + e, mask=e_ok, other=0).to(tl.int64)
+                c = tl.load(e_col_ptr + e, mask=e_ok, other=0).to(tl.int64)
+                m2 = e_ok[:, None] & t_ok[None, :]
+                dy = tl.load(dyt_ptr + r[:, None] * T + t[None, :], mask=m2, other=0.0)
+                xv = tl.load(xt_ptr + c[:, None] * T + t[None, :], mask=m2, other=0.0)
+                part = tl.sum(dy.to(ACC_DTYPE) * xv.to(ACC_DTYPE), axis=1)
+                if t0 != t_begin:
+                    part += tl.load(out_row + e, mask=e_ok, other=0.0)
+                tl.store(out_row + e, part, mask=e_ok)
+
+    @triton.jit
+    def _sddmm_reduce_kernel(partial_ptr, e_pos_ptr, out_ptr, k, n_split, BLOCK: tl.constexpr):
+        """out[pos_e] = sum_s partial[s, e], summed in split order (deterministic)."""
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = e < k
+        row = partial_ptr + e
+        acc = tl.load(row, mask=m, other=0.0)
+        for _ in range(1, n_split):
+            row += k
+            acc += tl.load(row, mask=m, other=0.0)
+        pos = tl.load(e_pos_ptr + e, mask=m, other=0)
+        tl.store(out_ptr + pos, acc, mask=m)
+
+    # ---------------------------------------------------------------- merged write / AdamW
+    @triton.jit
+    def _round_to(x, DT: tl.constexpr):
+        """x rounded to nearest-even in DT. fp32 -> bf16 is done on the bits: the same on the GPU
+        and in triton's CPU interpreter (which truncates a plain fp32 -> bf16 cast)."""
+        if DT == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            u = u + 0x7FFF + ((u >> 16) & 1)
+            return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(DT)
+
+    @triton.jit
+    def _scatter_merged_kernel(weight_ptr, idx_ptr, w0_ptr, delta_ptr, k, BLOCK: tl.constexpr):
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = e < k
+        idx = tl.load(idx_ptr + e, mask=m, other=0).to(tl.int64)
+        merged = tl.load(w0_ptr + e, mask=m, other=0.0) + tl.load(delta_ptr + e, mask=m, other=0.0)
+        tl.store(weight_ptr + idx, _round_to(merged, weight_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _sqrt_ieee(x):
+        if x.dtype == tl.float64:
+            return tl.sqrt(x)  # sqrt.rn.f64
+        else:
+            return tl.sqrt_rn(x)
+
+    @triton.jit
+    def _div_ieee(x, y):
+        if x.dtype == tl.float64:
+            return x / y  # div.rn.f64
+        else:
+            return tl.div_rn(x, y)
+
+    @triton.jit
+    def _sparse_adamw_kernel(weight_ptr, idx_ptr, w0_ptr, delta_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                             hyper_ptr, k, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                             bias_correction2_sqrt, eps,
+                             MAXIMIZE: tl.constexpr, HYPER_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+        """torch.optim.AdamW (single-tensor math) on delta, then weight[idx] = round(w0 + delta).
+        fp64 state reads its hyperparameters from hyper_ptr (kernel float arguments are fp32)."""
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = e < k
+        if HYPER_FROM_PTR:
+            decay = tl.load(hyper_ptr + 0)
+            one_minus_beta1 = tl.load(hyper_ptr + 1)
+            beta2 = tl.load(hyper_ptr + 2)
+            one_minus_beta2 = tl.load(hyper_ptr + 3)
+            step_size = tl.load(hyper_ptr + 4)
+            bias_correction2_sqrt = tl.load(hyper_ptr + 5)
+            eps = tl.load(hyper_ptr + 6)
+        g = tl.load(grad_ptr + e, mask=m, other=0.0)
+        if MAXIMIZE:
+            g = -g
+        delta = tl.load(delta_ptr + e, mask=m, other=0.0) * decay
+        m1 = tl.load(exp_avg_ptr + e, mask=m, other=0.0)
+        m1 = m1 + one_minus_beta1 * (g - m1)  # lerp, as torch's exp_avg.lerp_(g, 1 - beta1)
+        m2 = tl.load(exp_avg_sq_ptr + e, mask=m, other=0.0) * beta2 + one_minus_beta2 * g * g
+        denom = _div_ieee(_sqrt_ieee(m2), bias_correction2_sqrt) + eps
+        delta = delta - step_size * _div_ieee(m1, denom)
+        tl.store(exp_avg_ptr + e, m1, mask=m)
+        tl.store(exp_avg_sq_ptr + e, m2, mask=m)
+        tl.store(delta_ptr + e, delta, mask=m)
+        idx = tl.load(idx_ptr + e, mask=m, other=0).to(tl.int64)
+        merged = tl.load(w0_ptr + e, mask=m, other=0.0) + delta
+        tl.store(weight_ptr + idx, _round_to(merged, weight_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch functions
+# ----------------------------------------------------------------------------------------------
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def _elementwise_block() -> tuple[int, int]:
+    """(BLOCK, num_warps) of the elementwise kernels; small blocks under the interpreter so tests
+    cover several programs."""
+    return (64, 4) if interpreting() else (2048, 8)
+
+
+def _abs_accumulate_triton(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    n = acc.numel()
+    block, warps = _elementwise_block()
+    _abs_accumulate_kernel[(triton.cdiv(n, block),)](acc, grad, n, BLOCK=block, num_warps=warps)
+    return acc
+
+
+# ---- top-k ----------------------------------------------------------------------------------
+# (int view of the float bits, key bits, key of +inf)
+_KEY_FORMAT = {
+    torch.float16: (torch.int16, 15, 0x7C00),
+    torch.bfloat16: (torch.int16, 15, 0x7F80),
+    torch.float32: (torch.int32, 31, 0x7F800000),
+    torch.float64: (torch.int64, 63, 0x7FF0000000000000),
+}
+
+
+def _topk_params() -> dict:
+    if interpreting():
+        return dict(block=128, block_warps=4, sample=256, tile=64, scan=32, seg_tile=64, small_warps=4)
+    return dict(block=4096, block_warps=8, sample=4096, tile=128, scan=1024, seg_tile=128, small_warps=4)
+
+
+def _radix_digits(key_bits: int) -> list[tuple[int, int]]:
+    """(shift, width) of each radix pass, most significant digit first."""
+    digits, hi = [], key_bits
+    while hi > 0:
+        w = min(_DIGIT_BITS, hi)
+        digits.append((hi - w, w))
+        hi -= w
+    return digits
+
+
+def _sample_plan(n: int, k: int, sample: int) -> tuple[int, int]:
+    """(rank, capacity): the sampled lower bound is the rank-th largest of ``sample`` keys; the
+    candidate buffer holds ``capacity`` entries. rank 0 = no sampling (every entry a candidate)."""
+    p = k / n
+    # #samples among the true top k ~ Binomial(sample, p): rank 4.5 sigma above its mean keeps
+    # count(key >= L) >= k but with probability ~1e-5 (then one rerun with L = 0)
+    rank = math.ceil(p * sample + 4.5 * math.sqrt(sample * p * (1.0 - p)) + 3.0)
+    if n < 8 * sample or rank > sample // 2:
+        return 0, n
+    # count(key >= L) / n ~ Beta(rank, sample - rank + 1): mean rank / sample, sd ~ mean / sqrt(rank)
+    expect = n * rank / sample
+    return rank, min(n, math.ceil(expect * (1.0 + 5.0 / math.sqrt(rank))) + 1024)
+
+
+def _topk_pipeline(scores: torch.Tensor, k: int, rank: int, cap: int, sample: int, out: torch.Tensor | None = None):
+    """One run of the top-k pipeline (module docstring) with sampled-bound rank ``rank`` (0: every
+    entry a candidate) and a candidate buffer of ``cap`` entries. Returns (indices, candidates
+    found, NaN/Inf count); the indices are exact iff k <= candidates <= cap and no NaN/Inf."""
+    prm = _topk_params()
+    n = scores.numel()
+    int_dtype, key_bits, inf_key = _KEY_FORMAT[scores.dtype]
+    bits = scores.reshape(-1).view(int_dtype)
+    digits = _radix_digits(key_bits)
+    n_passes = len(digits)
+    block = prm["block"]
+    nblocks = triton.cdiv(n, block)
+    ctrl_len = _CTRL_HIST + n_passes * _NBINS
+    dev = scores.device
+
+    ws = torch.empty(ctrl_len + 6 * nblocks, dtype=torch.int64, device=dev)  # control block + block stats
+    cand_key = torch.empty(cap, dtype=torch.int64 if key_bits == 63 else torch.int32, device=dev)
+    cand_off = torch.empty(cap, dtype=torch.int32, device=dev)
+    if out is None:
+        out = torch.empty(k, dtype=torch.int64, device=dev)
+
+    _topk_sample_kernel[(1,)](bits, ws, n, k, rank, ctrl_len, KEY_BITS=key_bits, SAMPLE=sample,
+                              ZERO_BLOCK=1024, num_warps=8)
+    _topk_compact_kernel[(nblocks,)](bits, ws, cand_key, cand_off, n, cap, nblocks, ctrl_len, KEY_BITS=key_bits,
+                                     INF_KEY=inf_key, BLOCK=block, num_warps=prm["block_warps"])
+    tile = prm["tile"]
+    n_prog = max(1, min(2 * _sm_count(dev), triton.cdiv(cap, 8 * tile)))
+    chunk = triton.cdiv(triton.cdiv(cap, n_prog), tile) * tile
+    n_prog = triton.cdiv(cap, chunk)
+    assert chunk < 2**24  # per-program histogram counts are exact in fp32
+    for p, (shift, width) in enumerate(digits):
+        _topk_radix_pass_kernel[(n_prog,)](cand_key, ws, cap, chunk, p, shift, width, TILE=tile,
+                                           num_warps=prm["small_warps"])
+    _topk_count_kernel[(nblocks,)](cand_key, ws, nblocks, ctrl_len, n_passes, TILE=prm["seg_tile"],
+                                   SCAN=prm["scan"], num_warps=prm["small_warps"])
+    _topk_write_kernel[(nblocks,)](cand_key, cand_off, ws, out, k, nblocks, ctrl_len, n_passes, BLOCK=block,
+                                   TILE=prm["seg_tile"], num_warps=prm["small_warps"])
+    n_cand, n_nonfinite = ws[:2].tolist()  # the one host sync
+    return out, n_cand, n_nonfinite
+
+
+def _topk_abs_select_triton(scores: torch.Tensor, k: int, *, sample: int | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sample`` (sample size) and ``out`` (a preallocated int64 [k]) exist for tests."""
+    n = scores.numel()
+    sample = sample or _topk_params()["sample"]
+    rank, cap = _sample_plan(n, k, sample)
+    out, n_cand, n_nonfinite = _topk_pipeline(scores, k, rank, cap, sample, out)
+    if n_nonfinite:
+        raise ValueError(f"scores: expected finite values, found {n_nonfinite} NaN/Inf entries")
+    if n_cand < k:  # the sampled bound lay above the k-th largest key: every entry a candidate
+        out, n_cand, _ = _topk_pipeline(scores, k, 0, n, sample, out)
+    elif n_cand > cap:  # the buffer was too small (heavy ties at the bound): rerun at the exact size
+        out, n_cand, _ = _topk_pipeline(scores, k, rank, n_cand, sample, out)
+    return out
+
+
+# ---- SDDMM ----------------------------------------------------------------------------------
+_SDDMM_PLANS = None  # WeakIdKeyDictionary: rows tensor -> (signature, plan)
+
+
+def _sddmm_group_rows() -> int:
+    return 4 if interpreting() else 512
+
+
+def _sddmm_plan(rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int, group_rows: int):
+    """Entries grouped by row block (group_rows rows of W), ordered by (column, row) inside a
+    group: (e_row int32, e_col int32, e_pos int64 original position, group_start int64 [G+1]).
+    Cached per rows tensor (keyed on identity, version, data pointers and shapes)."""
+    global _SDDMM_PLANS
+    if _SDDMM_PLANS is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _SDDMM_PLANS = WeakIdKeyDictionary()
+    signature = (rows.data_ptr(), rows._version, cols.data_ptr(), cols._version, id(cols), rows.numel(), d_out,
+                 d_in, group_rows, rows.dtype, cols.dtype)
+    hit = _SDDMM_PLANS.get(rows)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    r = rows.long()
+    c = cols.long()
+    group = r // group_rows
+    order = torch.argsort((group * d_in + c) * group_rows + r % group_rows, stable=True)
+    n_groups = triton.cdiv(d_out, group_rows)
+    group_start = torch.searchsorted(group[order], torch.arange(n_groups + 1, device=rows.device))
+    plan = (r[order].to(torch.int32), c[order].to(torch.int32), order, group_start)
+    _SDDMM_PLANS[rows] = (signature, plan)
+    return plan
+
+
+def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` (a preallocated [k] of the accumulation dtype) exists for tests."""
+    T, d_out = dy.shape
+    d_in = x.shape[1]
+    k = rows.numel()
+    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    group_rows = _sddmm_group_rows()
+    e_row, e_col, e_pos, group_start = _sddmm_plan(rows, cols, d_out, d_in, group_rows)
+    n_groups = group_start.numel() - 1
+    # T contiguous: each entry reads whole 128-byte lines (2-byte dtypes: 64 tokens per line)
+    block_t = 128 // dy.element_size() if not interpreting() else 8
+    dyt = dy.t().contiguous()
+    xt = x.t().contiguous()
+    # about one program per SM (each wants its SM's L1 for its group's dy^T rows); more T-splits
+    # would only grow the [n_split, k] partial buffer that the reduction reads back
+    n_split = max(1, min(triton.cdiv(_sm_count(dy.device), n_groups), triton.cdiv(T, block_t)))
+    t_split = triton.cdiv(triton.cdiv(T, n_split), block_t) * block_t
+    n_split = triton.cdiv(T, t_split)
+    partial = torch.empty(n_split, k, dtype=acc_dtype, device=dy.device)
+    t_bucket = min(T.bit_length(), 15)
+    _sddmm_partial_kernel[(n_groups, n_split)](
+        dyt, xt, e_row, e_col, group_start, partial, T, t_split, k, t_bucket, group_rows,
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK_T=block_t)
+    if out is None:
+        out = torch.empty(k, dtype=acc_dtype, device=dy.device)
+    block, warps = _elementwise_block()
+    _sddmm_reduce_kernel[(triton.cdiv(k, block),)](partial, e_pos, out, k, n_split, BLOCK=block, num_warps=warps)
+    return out
+
+
+# ---- merged write / AdamW -------------------------------------------------------------------
+def _scatter_merged_triton(weight, flat_idx, w0_sel, delta):
+    k = flat_idx.numel()
+    block, warps = _elementwise_block()
+    _scatter_merged_kernel[(triton.cdiv(k, block),)](weight, flat_idx, w0_sel, delta, k, BLOCK=block, num_warps=warps)
+    return weight
+
+
+def _sparse_adamw_step_triton(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_sq, *, step, lr, beta1,
+                              beta2, eps, weight_decay, maximize):
+    k = flat_idx.numel()
+    hyper = (1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** step),
+             math.sqrt(1.0 - beta2 ** step), eps)
+    fp64 = delta.dtype == torch.float64
+    hyper_t = torch.tensor(hyper, dtype=torch.float64, device=delta.device) if fp64 else delta
+    block, warps = _elementwise_block()
+    _sparse_adamw_kernel[(triton.cdiv(k, block),)](
+        weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_sq, hyper_t, k, *hyper,
+        MAXIMIZE=maximize, HYPER_FROM_PTR=fp64, BLOCK=block, num_warps=warps)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch references (tensors in, tensors out, no autograd): the CPU path and the test oracle
+# ----------------------------------------------------------------------------------------------
+def abs_accumulate_reference_(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """acc.view(-1) += |grad.view(-1)| (accumulated in acc's dtype)."""
+    acc.view(-1).add_(grad.reshape(-1).abs().to(acc.dtype))
+    return acc
+
+
+def topk_abs_select_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending flat indices of the k largest |scores|; among equal values the lower index wins.
+
+    Exact threshold select: T = k-th largest |s|; keep every |s| > T and the lowest-index entries
+    with |s| == T until k are kept. O(numel), no full sort."""
+    a = scores.detach().reshape(-1).abs()
+    threshold = torch.topk(a, k, sorted=False).values.min()
+    above = a > threshold
+    n_above = int(above.sum())
+    ties = torch.nonzero(a == threshold).flatten()[: k - n_above]
+    keep = above
+    keep[ties] = True
+    return torch.nonzero(keep).flatten()
+
+
+def sddmm_at_indices_reference(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+                               cols: torch.Tensor) -> torch.Tensor:
+    """out[m] = sum_t dy[t, rows[m]] * x[t, cols[m]] in fp32 (fp64 for fp64 inputs), chunked over
+    the entries so the dense dy.T @ x is never materialised."""
+    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    k = rows.numel()
+    out = torch.empty(k, dtype=acc_dtype, device=dy.device)
+    rows = rows.long()
+    cols = cols.long()
+    chunk = max(1, (1 << 24) // max(1, dy.shape[0]))  # bound the gathered [T, chunk] operands
+    for s in range(0, k, chunk):
+        r, c = rows[s:s + chunk], cols[s:s + chunk]
+        out[s:s + chunk] = (dy[:, r].to(acc_dtype) * x[:, c].to(acc_dtype)).sum(0)
+    return out
+
+
+def scatter_merged_reference_(weight: torch.Tensor, flat_idx: torch.Tensor, w0_sel: torch.Tensor,
+                              delta: torch.Tensor) -> torch.Tensor:
+    """weight.view(-1)[flat_idx] = (w0_sel + delta) rounded once to weight.dtype."""
+    weight.view(-1)[flat_idx.long()] = (w0_sel + delta).to(weight.dtype)
+    return weight
+
+
+def sparse_adamw_step_reference_(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_sq, *, step, lr,
+                                 beta1, beta2, eps, weight_decay, maximize=False) -> None:
+    """torch.optim.AdamW's math on the k-vector delta (single-tensor form), then the weight write.
+
+    delta *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    delta -= (lr / (1 - b1^step)) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)."""
+    g = -grad if maximize else grad
+    delta.mul_(1.0 - lr * weight_decay)
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    delta.addcdiv_(exp_avg, denom, value=-step_size)
+    scatter_merged_reference_(weight, flat_idx, w0_sel, delta)
+
+
+# ----------------------------------------------------------------------------------------------
+# public dispatching functions
+# ----------------------------------------------------------------------------------------------
+_RANGE_CHECKED = None  # WeakIdKeyDictionary: index tensor -> signature of its last passed range check
+
+
+def _check_index_range_once(name: str, idx: torch.Tensor, upper: int, what: str) -> None:
+    """check_index_range (two host syncs on CUDA), skipped when this very tensor already passed it
+    unchanged: same data pointer, version counter (bumped by every in-place write), size, bound.
+    The index sets of a SIFT layer are fixed, so a training loop checks them once."""
+    global _RANGE_CHECKED
+    if _RANGE_CHECKED is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _RANGE_CHECKED = WeakIdKeyDictionary()
+    try:
+        signature = (idx.data_ptr(), idx._version, idx.numel(), idx.dtype, idx.device, int(upper))
+    except RuntimeError:  # a tensor without storage (fake/meta): nothing to remember
+        check_index_range(name, idx, upper, what=what)
+        return
+    if _RANGE_CHECKED.get(idx) == signature:
+        return
+    check_index_range(name, idx, upper, what=what)
+    _RANGE_CHECKED[idx] = signature
+
+
+def abs_accumulate_(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """acc (fp32 or fp64, contiguous, any shape) += |grad| elementwise, in place; grad any float
+    dtype with acc.numel() elements (any shape, flattened row-major)."""
+    check_tensor("acc", acc, dtypes=(torch.float32, torch.float64), contiguous=True)
+    check_tensor("grad", grad, dtypes=FLOAT_DTYPES)
+    check_same_device(acc=acc, grad=grad)
+    if grad.numel() != acc.numel():
+        raise ValueError(f"grad: expected {acc.numel()} elements (acc.numel()), got {grad.numel()} "
+                         f"(shape {list(grad.shape)})")
+    if acc.numel() == 0:
+        return acc
+    if use_triton(acc):
+        return _abs_accumulate_triton(acc, grad.contiguous())
+    return abs_accumulate_reference_(acc, grad)
+
+
+def _check_k(k, numel: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    k = int(k)
+    if not 1 <= k <= numel:
+        raise ValueError(f"k: expected 1 <= k <= numel = {numel}, got {k}")
+    return k
+
+
+def topk_abs_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices (into scores.flatten(), row-major) of the k entries with the largest |score|,
+    ties to the lower index, returned ascending as int64 [k]. ValueError naming ``scores`` on
+    NaN/Inf and naming ``k`` unless 1 <= k <= numel."""
+    check_tensor("scores", scores, dtypes=FLOAT_DTYPES)
+    k = _check_k(k, scores.numel())
+    if use_triton(scores):
+        return _topk_abs_select_triton(scores.detach().contiguous(), k)
+    check_finite("scores", scores)
+    return topk_abs_select_reference(scores, k)
+
+
+def _check_sddmm_args(dy, x, rows, cols):
+    check_tensor("dy", dy, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, ndim=2, dtypes=(dy.dtype,))
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(f"x: expected {dy.shape[0]} rows (tokens, = dy.shape[0]), got shape {list(x.shape)}")
+    check_tensor("rows", rows, ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor("cols", cols, ndim=1, dtypes=INDEX_DTYPES, shape=(rows.numel(),))
+    check_same_device(dy=dy, x=x, rows=rows, cols=cols)
+    _check_index_range_once("rows", rows, dy.shape[1], what="row indices (dy.shape[1])")
+    _check_index_range_once("cols", cols, x.shape[1], what="column indices (x.shape[1])")
+
+
+def sddmm_at_indices(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The sparse weight gradient: out[m] = sum_t dy[t, rows[m]] * x[t, cols[m]].
+
+    dy [T, d_out], x [T, d_in] of one float dtype; rows, cols int32/int64 [k], rows ascending.
+    Accumulates in fp32 and returns fp32 [k] (fp64 for fp64 inputs); dy.T @ x is never formed."""
+    _check_sddmm_args(dy, x, rows, cols)
+    if rows.numel() == 0 or dy.shape[0] == 0:
+        return torch.zeros(rows.numel(), dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32,
+                           device=dy.device)
+    if use_triton(dy):
+        return _sddmm_triton(dy, x, rows, cols)
+    return sddmm_at_indices_reference(dy, x, rows, cols)
+
+
+def _check_scatter_args(weight, flat_idx, w0_sel, delta):
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("flat_idx", flat_idx, ndim=1, dtypes=INDEX_DTYPES)
+    k = flat_idx.numel()
+    state_dtypes = (torch.float32, torch.float64) if weight.dtype == torch.float64 else (torch.float32,)
+    check_tensor("w0_sel", w0_sel, dtypes=state_dtypes, shape=(k,), contiguous=True)
+    check_tensor("delta", delta, dtypes=(w0_sel.dtype,), shape=(k,), contiguous=True)
+    check_same_device(weight=weight, flat_idx=flat_idx, w0_sel=w0_sel, delta=delta)
+    _check_index_range_once("flat_idx", flat_idx, weight.numel(), what="flat indices (weight.numel())")
+
+
+def scatter_merged_(weight: torch.Tensor, flat_idx: torch.Tensor, w0_sel: torch.Tensor,
+                    delta: torch.Tensor) -> torch.Tensor:
+    """weight.view(-1)[flat_idx] = (w0_sel + delta) rounded to weight.dtype, in place.
+
+    weight contiguous, any float dtype; flat_idx int32/int64 [k]; w0_sel, delta fp32 [k] (fp64
+    allowed when weight is fp64)."""
+    _check_scatter_args(weight, flat_idx, w0_sel, delta)
+    if flat_idx.numel() == 0:
+        return weight
+    if use_triton(weight):
+        return _scatter_merged_triton(weight, flat_idx.contiguous(), w0_sel, delta)
+    return scatter_merged_reference_(weight, flat_idx, w0_sel, delta)
+
+
+def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name}: expected a finite real number, got {value!r}")
+    v = float(value)
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{name}: expected a value {'<' if hi_open else '<='} {hi}, got {v}")
+    return v
+
+
+def sparse_adamw_step_(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2,
+                       eps, weight_decay, maximize=False) -> None:
+    """One fused AdamW step on delta (torch.optim.AdamW's math, decoupled decay on delta, i.e.
+    decay toward W0), then weight.view(-1)[flat_idx] = round(w0_sel + delta); all in place.
+
+    grad, exp_avg, exp_avg_sq, delta, w0_sel: fp32 [k] (fp64 allowed, all alike, when weight is
+    fp64); step: the 1-based step count after its increment."""
+    _check_scatter_args(weight, flat_idx, w0_sel, delta)
+    k = flat_idx.numel()
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_tensor(name, t, dtypes=(delta.dtype,), shape=(k,), contiguous=True)
+    check_same_device(weight=weight, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    if isinstance(step, bool) or not isinstance(step, int) and not (isinstance(step, float) and step.is_integer()):
+        raise ValueError(f"step: expected a positive int (1-based step count), got {step!r}")
+    step = int(step)
+    if step < 1:
+        raise ValueError(f"step: expected a positive int (1-based step count), got {step}")
+    lr = _check_number("lr", lr, lo=0.0)
+    beta1 = _check_number("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
+    beta2 = _check_number("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
+    eps = _check_number("eps", eps, lo=0.0)
+    weight_decay = _check_number("weight_decay", weight_decay, lo=0.0)
+    if k == 0:
+        return None
+    if use_triton(weight):
+        _sparse_adamw_step_triton(weight, flat_idx.contiguous(), w0_sel, delta, grad, exp_avg, exp_avg_sq, step=step,
+                                  lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                  maximize=bool(maximize))
+        return None
+    sparse_adamw_step_reference_(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_sq, step=step, lr=lr,
+                                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=bool(maximize))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# sm_90 compile specs (checked without a GPU by kernels/_compile_check.py)
+# ----------------------------------------------------------------------------------------------
+SM90_COMPILE_SPECS = []
+if HAS_TRITON:
+    _TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+           torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64"}
+
+    def _specs():
+        out = []
+        for acc_dt, g_dt in [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                             (torch.float32, torch.float32), (torch.float32, torch.float64),
+                             (torch.float64, torch.float64)]:
+            out.append(CompileSpec(_abs_accumulate_kernel,
+                                   {"acc_ptr": _TY[acc_dt], "grad_ptr": _TY[g_dt], "n": "i64", "BLOCK": "constexpr"},
+                                   {"BLOCK": 2048}, name=f"abs_accumulate[{acc_dt}+={g_dt}]"))
+        for score_dt, (int_dt, key_bits, inf_key) in _KEY_FORMAT.items():
+            cand_ty = "*i64" if key_bits == 63 else "*i32"
+            out.append(CompileSpec(
+                _topk_sample_kernel,
+                {"bits_ptr": _TY[int_dt], "ws_ptr": "*i64", "n": "i64", "k": "i64", "rank": "i32", "ctrl_len": "i32",
+                 "KEY_BITS": "constexpr", "SAMPLE": "constexpr", "ZERO_BLOCK": "constexpr"},
+                {"KEY_BITS": key_bits, "SAMPLE": 4096, "ZERO_BLOCK": 1024}, name=f"topk_sample[{score_dt}]"))
+            out.append(CompileSpec(
+                _topk_compact_kernel,
+                {"bits_ptr": _TY[int_dt], "ws_ptr": "*i64", "cand_key_ptr": cand_ty, "cand_off_ptr": "*i32",
+                 "n": "i64", "cap": "i64", "nblocks": "i32", "ctrl_len": "i32",
+                 "KEY_BITS": "constexpr", "INF_KEY": "constexpr", "BLOCK": "constexpr"},
+                {"KEY_BITS": key_bits, "INF_KEY": inf_key, "BLOCK": 4096}, name=f"topk_compact[{score_dt}]"))
+        for cand_ty in ("*i32", "*i64"):
+            out.append(CompileSpec(
+                _topk_radix_pass_kernel,
+                {"cand_key_ptr": cand_ty, "ws_ptr": "*i64", "cap": "i64", "chunk": "i64", "pass_idx": "i32",
+                 "shift": "i32", "width": "i32", "TILE": "constexpr"},
+                {"TILE": 128}, name=f"topk_radix_pass[{cand_ty}]"))
+            out.append(CompileSpec(
+                _topk_count_kernel,
+                {"cand_key_ptr": cand_ty, "ws_ptr": "*i64", "nblocks": "i32", "ctrl_len": "i32", "n_passes": "i32",
+                 "TILE": "constexpr", "SCAN": "constexpr"},
+                {"TILE": 128, "SCAN": 1024}, name=f"topk_count[{cand_ty}]"))
+            out.append(CompileSpec(
+                _topk_write_kernel,
+                {"cand_key_ptr": cand_ty, "cand_off_ptr": "*i32", "ws_ptr": "*i64", "out_ptr": "*i64", "k": "i64",
+                 "nblocks": "i32", "ctrl_len": "i32", "n_passes": "i32", "BLOCK": "constexpr", "TILE": "constexpr"},
+                {"BLOCK": 4096, "TILE": 128}, name=f"topk_write[{cand_ty}]"))
+        for dt in FLOAT_DTYPES:
+            acc = torch.float64 if dt == torch.float64 else torch.float32
+            for cfg in _SDDMM_CONFIGS:
+                out.append(CompileSpec(
+                    _sddmm_partial_kernel,
+                    {"dyt_ptr": _TY[dt], "xt_ptr": _TY[dt], "e_row_ptr": "*i32", "e_col_ptr": "*i32",
+                     "group_start_ptr": "*i64", "partial_ptr": _TY[acc], "T": "i32", "t_split": "i32", "k": "i32",
+                     "t_bucket": "i32", "group_rows": "i32",
+                     "ACC_DTYPE": "constexpr", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
+                    {"ACC_DTYPE": tl.float64 if acc == torch.float64 else tl.float32,
+                     "BLOCK_T": 128 // dt.itemsize, **cfg.kwargs},
+                    name=f"sddmm_partial[{dt}|{cfg.kwargs}]"))
+            if dt in (torch.float32, torch.float64):
+                out.append(CompileSpec(
+                    _sddmm_reduce_kernel,
+                    {"partial_ptr": _TY[dt], "e_pos_ptr": "*i64", "out_ptr": _TY[dt], "k": "i32", "n_split": "i32",
+                     "BLOCK": "constexpr"},
+                    {"BLOCK": 2048}, name=f"sddmm_reduce[{dt}]"))
+        for w_dt in FLOAT_DTYPES:
+            st_dt = torch.float64 if w_dt == torch.float64 else torch.float32
+            for idx_ty in ("*i32", "*i64"):
+                out.append(CompileSpec(
+                    _scatter_merged_kernel,
+                    {"weight_ptr": _TY[w_dt], "idx_ptr": idx_ty, "w0_ptr": _TY[st_dt], "delta_ptr": _TY[st_dt],
+                     "k": "i32", "BLOCK": "constexpr"},
+                    {"BLOCK": 2048}, name=f"scatter_merged[{w_dt}|{idx_ty}]"))
+                for maximize in (False, True):
+                    out.append(CompileSpec(
+                        _sparse_adamw_kernel,
+                        {"weight_ptr": _TY[w_dt], "idx_ptr": idx_ty, "w0_ptr": _TY[st_dt], "delta_ptr": _TY[st_dt],
+                         "grad_ptr": _TY[st_dt], "exp_avg_ptr": _TY[st_dt], "exp_avg_sq_ptr": _TY[st_dt],
+                         "hyper_ptr": _TY[st_dt], "k": "i32", "decay": "fp32", "one_minus_beta1": "fp32",
+                         "beta2": "fp32", "one_minus_beta2": "fp32", "step_size": "fp32",
+                         "bias_correction2_sqrt": "fp32", "eps": "fp32",
+                         "MAXIMIZE": "constexpr", "HYPER_FROM_PTR": "constexpr", "BLOCK": "constexpr"},
+                        {"MAXIMIZE": maximize, "HYPER_FROM_PTR": st_dt == torch.float64, "BLOCK": 2048},
+                        name=f"sparse_adamw[{w_dt}|{idx_ty}|maximize={maximize}]"))
+        return out
+
+    SM90_COMPILE_SPECS = _specs()
