@@ -28,7 +28,8 @@ def compile_spec(spec, capability: int = 90):
 
     fn = _jit_fn(spec.kernel)
     src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32))
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
 
 def main(argv: list[str]) -> int:

@@ -87,8 +87,11 @@ class CompileSpec:
     "i64", "fp32", "constexpr"); ``constexprs`` gives the constexpr values (autotuned ones too).
     """
 
-    def __init__(self, kernel, signature: dict, constexprs: dict | None = None, name: str | None = None):
+    def __init__(self, kernel, signature: dict, constexprs: dict | None = None, name: str | None = None,
+                 num_warps: int = 4, num_stages: int = 3):
         self.kernel = kernel
+        self.num_warps = num_warps
+        self.num_stages = num_stages
         self.signature = signature
         self.constexprs = constexprs or {}
         self.name = name or getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))

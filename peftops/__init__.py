@@ -14,3 +14,23 @@ from .model import (
     trainable_summary,
     unmerge,
 )
+from .sift import (
+    SIFTConfig,
+    SIFTLinear,
+    SIFTMethod,
+    SparseAdamW,
+    sift_calibrate,
+    sift_k,
+    sift_layers,
+    sift_linear,
+    sift_select,
+)
+
+
+def __getattr__(name):
+    # built on first access: importing transformers.Trainer costs seconds
+    if name == "SIFTCalibrationCallback":
+        from . import sift
+
+        return sift.SIFTCalibrationCallback
+    raise AttributeError(f"module 'peftops' has no attribute {name!r}")

@@ -1,0 +1,880 @@
+"""SIFT: sparse increment fine-tuning (DESIGN §1), above the kernels of ``peftops.kernels.sift``.
+
+Per targeted weight W [d_out, d_in] a fixed set I of k flat indices (ascending) and a trainable
+vector δ ∈ R^k give the effective weight W_eff = W0 + scatter(I, δ). The base weight stays in its
+own dtype and holds W_eff merged in place: W[I] = round(W0[I] + δ), with fp32 copies of W0[I] and δ
+(fp64 when W is fp64), so bf16 rounding never swallows small updates.
+
+    y   = x W_effᵀ + b                                      (one dense GEMM on the merged weight)
+    dx  = dy W_eff
+    dδ_m = Σ_t dy[t, i_m] · x[t, j_m]   for (i_m, j_m) = divmod(I[m], d_in)     (SDDMM, fp32 [k])
+
+The dense ∇W is never formed in a training step; it exists only during calibration, one target
+at a time (selection happens in a post-accumulate-grad hook that frees the gradient at once).
+
+Contents, in order: index selection; custom ops (torch.library) with fake kernels and autograd;
+the functional API ``sift_linear``; the ``SIFTLinear`` module; the ``SparseAdamW`` optimizer;
+calibration (``sift_calibrate``, ``SIFTCalibrationCallback``); the model-level ``SIFTConfig`` /
+``SIFTMethod`` registered with ``peftops.model``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+import weakref
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import model as _model
+from .kernels import sift as _k
+from .kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+
+__all__ = [
+    "sift_k", "sift_select", "sift_linear", "SIFTLinear", "SparseAdamW", "sift_calibrate", "SIFTConfig",
+    "SIFTMethod", "sift_layers", "LLAMA_TARGETS", "BERT_TARGETS",
+]  # plus SIFTCalibrationCallback, built on first access (importing transformers' Trainer takes seconds)
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense"]
+
+
+def _acc_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the kept W0[I] and δ: fp32, or fp64 for an fp64 weight."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------
+def _check_density(density) -> float:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not (0.0 < float(density) <= 1.0):
+        raise ValueError(f"density: expected a number in (0, 1], got {density!r}")
+    return float(density)
+
+
+def sift_k(numel: int, density: float) -> int:
+    """Entries kept per tensor: k = min(int(density · numel) + 1, numel) (the authors' formula)."""
+    density = _check_density(density)
+    return min(int(density * numel) + 1, int(numel))
+
+
+def sift_select(grads_or_scores, density: float):
+    """Top-k |score| flat indices per tensor, ascending (LongTensor [k]), lower index wins ties.
+
+    ``grads_or_scores``: a tensor or a dict name -> tensor (returns a dict with the same keys)."""
+    density = _check_density(density)
+    if isinstance(grads_or_scores, Mapping):
+        return {name: sift_select(t, density) for name, t in grads_or_scores.items()}
+    check_tensor("grads_or_scores", grads_or_scores, dtypes=FLOAT_DTYPES)
+    if grads_or_scores.numel() == 0:
+        raise ValueError("grads_or_scores: expected a non-empty tensor")
+    k = sift_k(grads_or_scores.numel(), density)
+    return _k.topk_abs_select(grads_or_scores.detach(), k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+def _merged_copy(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A fresh W_eff = W with W_eff[I] = round(W[I] + values) (accumulated in fp32/fp64)."""
+    acc = _acc_dtype(weight.dtype)
+    w_eff = weight.detach().contiguous().clone()
+    w0_sel = w_eff.view(-1)[indices].to(acc)
+    _k.scatter_merged_(w_eff, indices, w0_sel, values.detach().to(acc).contiguous())
+    return w_eff
+
+
+def _split_rows_cols(flat_idx: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) of each flat index of a row-major [*, d_in] weight; int32 (rows, cols < 2^31)."""
+    return (flat_idx // d_in).to(torch.int32), (flat_idx % d_in).to(torch.int32)
+
+
+# Backward formulas are traced by AOTAutograd under torch.compile, so every kernel they call is a
+# custom op of its own (opaque to the tracer, with a fake kernel for shapes).
+@torch.library.custom_op("peftops::sift_sddmm", mutates_args=())
+def _sddmm_op(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return _k.sddmm_at_indices(dy, x, rows, cols)
+
+
+@_sddmm_op.register_fake
+def _(dy, x, rows, cols):
+    return dy.new_empty(rows.shape, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.custom_op("peftops::sift_merged_weight", mutates_args=())
+def _merged_weight_op(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return _merged_copy(weight, indices, values)
+
+
+@_merged_weight_op.register_fake
+def _(weight, indices, values):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+# --- functional: y = x (W + scatter(I, values))ᵀ + b, weight frozen --------------------------
+@torch.library.custom_op("peftops::sift_linear", mutates_args=())
+def _sift_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: torch.Tensor,
+                    values: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, _merged_copy(weight, indices, values), bias)
+
+
+@_sift_linear_op.register_fake
+def _(x, weight, bias, indices, values):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _sift_linear_setup(ctx, inputs, output):
+    x, weight, bias, indices, values = inputs
+    need_x, need_b, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+    # x only feeds dvalues; weight and values only feed dx (W_eff is rebuilt, never saved).
+    ctx.save_for_backward(x if need_v else None, weight if need_x else None,
+                          indices if (need_x or need_v) else None, values if need_x else None)
+    ctx.need = (need_x, bool(need_b and bias is not None), need_v)
+    ctx.x_shape, ctx.d_in, ctx.values_dtype = x.shape, weight.shape[1], values.dtype
+
+
+def _sift_linear_backward(ctx, dy):
+    x, weight, indices, values = ctx.saved_tensors
+    need_x, need_b, need_v = ctx.need
+    d_out = dy.shape[-1]
+    dy2 = dy.reshape(-1, d_out).contiguous()
+    dx = db = dvalues = None
+    if need_x:
+        # One transient W_eff (the functional has no merged weight to reuse; SIFTLinear has).
+        dx = (dy2 @ _merged_weight_op(weight, indices, values.detach())).reshape(ctx.x_shape)
+    if need_b:
+        db = dy2.sum(0)
+    if need_v:
+        # The SDDMM wants rows ascending: sort the index set once, un-permute the result.
+        sorted_idx, perm = torch.sort(indices)
+        rows, cols = _split_rows_cols(sorted_idx, ctx.d_in)
+        x2 = x.reshape(-1, ctx.d_in).contiguous()
+        g_sorted = _sddmm_op(dy2.to(x2.dtype), x2, rows, cols)
+        dvalues = torch.empty_like(g_sorted).scatter_(0, perm, g_sorted).to(ctx.values_dtype)
+    return dx, None, db, None, dvalues
+
+
+_sift_linear_op.register_autograd(_sift_linear_backward, setup_context=_sift_linear_setup)
+
+
+# --- module: y = x Wᵀ + b with W already holding W0 + δ; gradient routed to δ -------------------
+@torch.library.custom_op("peftops::sift_linear_merged", mutates_args=())
+def _sift_linear_merged_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta: torch.Tensor,
+                           rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    # delta is an input only so that autograd routes dδ to it; W already holds W0[I] + δ.
+    return F.linear(x, weight, bias)
+
+
+@_sift_linear_merged_op.register_fake
+def _(x, weight, bias, delta, rows, cols):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _merged_setup(ctx, inputs, output):
+    x, weight, bias, delta, rows, cols = inputs
+    need_x, need_b, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+    ctx.save_for_backward(x if need_d else None, weight if need_x else None,
+                          rows if need_d else None, cols if need_d else None)
+    ctx.need = (need_x, bool(need_b and bias is not None), need_d)
+    ctx.x_shape, ctx.d_in, ctx.delta_dtype = x.shape, weight.shape[1], delta.dtype
+
+
+def _merged_backward(ctx, dy):
+    x, weight, rows, cols = ctx.saved_tensors
+    need_x, need_b, need_d = ctx.need
+    dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+    dx = db = ddelta = None
+    if need_x:
+        dx = (dy2.to(weight.dtype) @ weight).reshape(ctx.x_shape)
+    if need_b:
+        db = dy2.sum(0)
+    if need_d:
+        x2 = x.reshape(-1, ctx.d_in).contiguous()
+        ddelta = _sddmm_op(dy2.to(x2.dtype), x2, rows, cols).to(ctx.delta_dtype)
+    return dx, None, db, ddelta, None, None
+
+
+_sift_linear_merged_op.register_autograd(_merged_backward, setup_context=_merged_setup)
+
+
+# --- resync W[I] = round(W0[I] + δ), in place ---------------------------------------------------
+@torch.library.custom_op("peftops::sift_scatter_merged_", mutates_args=("weight",))
+def _scatter_merged_op(weight: torch.Tensor, flat_idx: torch.Tensor, w0_sel: torch.Tensor, delta: torch.Tensor) -> None:
+    _k.scatter_merged_(weight, flat_idx, w0_sel, delta)
+
+
+@_scatter_merged_op.register_fake
+def _(weight, flat_idx, w0_sel, delta):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------
+def sift_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+    """y = x (W + scatter(I, values))ᵀ + b for x [..., d_in], W [d_out, d_in], I flat indices [k]
+    (unique; any order), values [k]. W_eff[I] = round(W[I] + values) in fp32 (fp64 for fp64 W).
+
+    Gradients flow to x, values (SDDMM, never a dense ∇W) and bias when they require grad;
+    ``weight`` is treated as frozen and gets no gradient. Works under torch.compile(fullgraph=True).
+    This form rebuilds W_eff transiently in forward (and in backward when dx is needed); the
+    ``SIFTLinear`` module keeps the weight merged in place and needs no copy."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x: expected dtype {weight.dtype} (the weight's), got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dim {weight.shape[1]} (weight is {list(weight.shape)}), got shape {list(x.shape)}")
+    check_tensor("indices", indices, ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor("values", values, shape=[indices.shape[0]], dtypes=FLOAT_DTYPES)
+    if bias is not None:
+        check_tensor("bias", bias, shape=[weight.shape[0]], dtypes=(weight.dtype,))
+    check_same_device(x=x, weight=weight, bias=bias, indices=indices, values=values)
+    return _sift_linear_op(x, weight, bias, indices, values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Module
+# ----------------------------------------------------------------------------------------------
+# δ Parameter -> weakref(SIFTLinear): lets SparseAdamW given bare parameters find the layer, and
+# lets the optimizer hook below find the layers whose δ another optimizer just stepped.
+_DELTA_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_HOOK_HANDLE = None
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """Global optimizer post-step hook: mark the layers of every δ the optimizer owns as stale.
+    Needed because fused optimizers (torch AdamW(fused=True), the HF Trainer default) and updates
+    through ``p.data`` do not bump δ's version counter."""
+    if len(_DELTA_OWNERS) == 0 or isinstance(optimizer, SparseAdamW):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = _DELTA_OWNERS.get(p)
+            layer = ref() if ref is not None else None
+            if layer is not None:
+                layer._synced_version = -1
+
+
+def _install_optimizer_hook() -> None:
+    global _HOOK_HANDLE
+    if _HOOK_HANDLE is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK_HANDLE = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+class SIFTLinear(nn.Module):
+    """nn.Linear with a sparse trainable increment: y = x (W0 + scatter(I, δ))ᵀ + b.
+
+    ``weight`` (frozen, its own dtype) holds W0 + δ merged in place; buffers ``indices`` (int64 [k],
+    ascending flat indices), ``w0_sel`` (W0[I], fp32), non-persistent ``rows``/``cols`` (int32);
+    Parameter ``delta`` (fp32 [k], init 0). Before an index set exists (k = 0, "unselected") the
+    layer is the plain linear under ``torch.no_grad`` and during calibration; a forward that would
+    train raises, asking for ``sift_calibrate``. If δ may have changed since W was last written, the
+    next forward first rewrites W[I] = round(W0[I] + δ) (k entries). "May have changed": δ's version
+    counter moved (in-place edits, non-fused optimizers, ``load_state_dict``) or any torch optimizer
+    holding δ stepped (fused kernels leave the version counter alone). SparseAdamW writes W in its
+    own fused step. After writing δ through ``.data`` by hand, call ``resync_()``."""
+
+    peftops_adapter = True  # SAFE's cross-method protocol: X = forward input, Y = output
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.delta]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_from(base.weight, base.bias, density)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, indices: torch.Tensor | None = None, *,
+                    density: float | None = None) -> "SIFTLinear":
+        """Wrap ``linear`` (sharing its weight/bias Parameters; the weight is frozen) with an optional
+        index set (flat indices into weight, e.g. from ``sift_select``)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._init_from(linear.weight, linear.bias, density)
+        if indices is not None:
+            self.set_indices(indices)
+        return self
+
+    def _init_from(self, weight: nn.Parameter, bias: nn.Parameter | None, density: float | None) -> None:
+        if density is not None:
+            density = _check_density(density)
+        if not weight.is_contiguous():
+            raise ValueError("linear: SIFTLinear merges into the weight in place and needs a contiguous weight "
+                             f"(got strides {weight.stride()}); pass a linear whose weight is contiguous")
+        self.out_features, self.in_features = weight.shape
+        weight.requires_grad_(False)
+        self.weight = weight
+        self.bias = bias
+        self.density = density
+        acc = _acc_dtype(weight.dtype)
+        self.delta = nn.Parameter(torch.zeros(0, dtype=acc, device=weight.device))
+        self.register_buffer("indices", torch.zeros(0, dtype=torch.int64, device=weight.device))
+        self.register_buffer("w0_sel", torch.zeros(0, dtype=acc, device=weight.device))
+        self.register_buffer("rows", torch.zeros(0, dtype=torch.int32, device=weight.device), persistent=False)
+        self.register_buffer("cols", torch.zeros(0, dtype=torch.int32, device=weight.device), persistent=False)
+        self._synced_version = -1
+        self._selection_id = 0
+        self._calibrating = False
+        _DELTA_OWNERS[self.delta] = weakref.ref(self)
+        _install_optimizer_hook()
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def selected(self) -> bool:
+        return self.indices.numel() > 0
+
+    @property
+    def k(self) -> int:
+        return self.indices.numel()
+
+    def set_indices(self, indices: torch.Tensor) -> None:
+        """Install the index set I (flat indices into weight; sorted here; must be unique).
+        W is first restored to W0 if a previous selection was merged; δ restarts at 0, so optimizer
+        state for this layer is invalid afterwards (SparseAdamW refuses to reuse it)."""
+        check_tensor("indices", indices, ndim=1, dtypes=INDEX_DTYPES)
+        numel = self.weight.numel()
+        if not 1 <= indices.numel() <= numel:
+            raise ValueError(f"indices: expected 1..{numel} entries for a {list(self.weight.shape)} weight, got {indices.numel()}")
+        idx = torch.sort(indices.detach().to(device=self.weight.device, dtype=torch.int64)).values
+        lo, hi = int(idx[0]), int(idx[-1])
+        if lo < 0 or hi >= numel:
+            raise IndexError(f"indices: entries must lie in [0, {numel}), found values in [{lo}, {hi}]")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError("indices: entries must be unique")
+        self._resize_selection(idx.numel())  # restores W0 at the old index set first
+        with torch.no_grad():
+            self.indices.copy_(idx)
+            self.w0_sel.copy_(self.weight.detach().view(-1)[idx].to(self.w0_sel.dtype))
+            rows, cols = _split_rows_cols(idx, self.in_features)
+            self.rows.copy_(rows)
+            self.cols.copy_(cols)
+            self.delta.zero_()
+        self._synced_version = self.delta._version  # W[I] == round(W0[I] + 0) == W0[I]
+
+    def _resize_selection(self, k: int) -> None:
+        """Give indices / w0_sel / rows / cols / δ room for k entries (δ keeps its Parameter identity,
+        so an optimizer built before calibration still owns it). Restores W to W0 first."""
+        if self.selected:
+            self.restore_base_()
+        dev, acc = self.weight.device, _acc_dtype(self.weight.dtype)
+        self.indices = torch.zeros(k, dtype=torch.int64, device=dev)
+        self.w0_sel = torch.zeros(k, dtype=acc, device=dev)
+        self.rows = torch.zeros(k, dtype=torch.int32, device=dev)
+        self.cols = torch.zeros(k, dtype=torch.int32, device=dev)
+        self.delta.data = torch.zeros(k, dtype=acc, device=dev)
+        self.delta.grad = None
+        self._selection_id += 1
+        self._synced_version = -1
+        _DELTA_OWNERS[self.delta] = weakref.ref(self)
+
+    @torch.no_grad()
+    def restore_base_(self) -> None:
+        """Write W0[I] back into W (bit-exact: W0[I] is kept as an exact upcast). The next forward
+        merges δ again, so outputs stay adapted; call this to read the base weights back."""
+        if self.selected:
+            self.weight.view(-1)[self.indices] = self.w0_sel.to(self.weight.dtype)
+            self._synced_version = -1
+
+    def resync_(self) -> None:
+        """W[I] = round(W0[I] + δ), in place (one k-sized scatter)."""
+        if self.selected:
+            with torch.no_grad():
+                _scatter_merged_op(self.weight, self.indices, self.w0_sel, self.delta.detach())
+            self._synced_version = self.delta._version
+
+    def _mark_synced(self) -> None:
+        """Called by SparseAdamW after its fused step has written W[I]."""
+        self._synced_version = self.delta._version
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) must not round the fp32 masters: convert them from the originals, following
+        # the weight's new device/dtype (W0[I] is re-rounded to the new weight dtype, like W0 is).
+        delta, w0_sel, grad = self.delta.data, self.w0_sel, self.delta.grad
+        out = super()._apply(fn, recurse)
+        dev, wdt = self.weight.device, self.weight.dtype
+        acc = _acc_dtype(wdt)
+        if delta.is_meta and not self.delta.is_meta:  # to_empty(): nothing to carry over
+            delta, w0_sel, grad = self.delta.data, self.w0_sel, None
+        self.w0_sel = w0_sel.to(wdt).to(device=dev, dtype=acc)
+        self.delta.data = delta.to(device=dev, dtype=acc)
+        if grad is not None:
+            self.delta.grad = grad.to(device=dev, dtype=acc)
+        _DELTA_OWNERS[self.delta] = weakref.ref(self)
+        self._synced_version = -1
+        return out
+
+    def __setstate__(self, state):
+        # deepcopy / unpickling: register the new δ and merge it at the next forward.
+        super().__setstate__(state)
+        _DELTA_OWNERS[self.delta] = weakref.ref(self)
+        _install_optimizer_hook()
+        self._synced_version = -1
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint of a selected layer loads into an unselected one: size the selection first.
+        idx = state_dict.get(prefix + "indices")
+        if isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.numel() != self.k:
+            self._resize_selection(idx.numel())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.selected:
+            rows, cols = _split_rows_cols(self.indices, self.in_features)
+            self.rows.copy_(rows)
+            self.cols.copy_(cols)
+        self._synced_version = -1
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dim {self.in_features}, got shape {list(x.shape)}")
+        if not self.selected:
+            if self._calibrating or not (torch.is_grad_enabled() and self.delta.requires_grad):
+                return F.linear(x, self.weight, self.bias)
+            raise RuntimeError(
+                "SIFTLinear has no index set yet: run peftops.sift_calibrate(model, batches) (or load an adapter) "
+                "before training; evaluate under torch.no_grad() to use the base weights"
+            )
+        if torch.compiler.is_compiling():
+            # δ's version counter cannot be read in a graph; the k-sized rewrite is cheap and idempotent.
+            with torch.no_grad():
+                _scatter_merged_op(self.weight, self.indices, self.w0_sel, self.delta.detach())
+        elif self.delta._version != self._synced_version:
+            self.resync_()
+        if self._calibrating or not (torch.is_grad_enabled() and (self.delta.requires_grad or x.requires_grad)):
+            return F.linear(x, self.weight, self.bias)  # no δ gradient to route: the plain GEMM
+        return _sift_linear_merged_op(x, self.weight, self.bias, self.delta, self.rows, self.cols)
+
+    def extra_repr(self) -> str:
+        sel = f"k={self.k}" if self.selected else "unselected"
+        dens = f", density={self.density}" if self.density is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {sel}{dens}"
+
+
+def sift_layers(model: nn.Module) -> list[tuple[str, SIFTLinear]]:
+    """(name, layer) of every SIFTLinear in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SIFTLinear)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------
+def _adamw_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """torch.optim.AdamW's math on one tensor (decoupled decay, bias-corrected moments)."""
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW whose SIFT δ parameters step with one fused kernel (m, v, δ and W[I] = round(W0[I] + δ));
+    every other parameter (e.g. a classifier head) gets the standard AdamW math.
+
+    ``params_or_model``: an nn.Module (its parameters that require grad), an iterable of parameters,
+    or param groups. State is fp32 and k-sized for δ. ``weight_decay`` on δ decays it toward 0, i.e.
+    the effective weight toward W0 (default 0). Matches torch.optim.AdamW on the same parameters."""
+
+    def __init__(self, params_or_model, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, maximize: bool = False):
+        if not (isinstance(lr, numbers.Real) and lr >= 0):
+            raise ValueError(f"lr: expected a number >= 0, got {lr!r}")
+        if not (isinstance(eps, numbers.Real) and eps >= 0):
+            raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
+        if not (len(betas) == 2 and all(isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+        if not (isinstance(weight_decay, numbers.Real) and weight_decay >= 0):
+            raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
+        self._owners: dict[int, weakref.ref] = {}
+        if isinstance(params_or_model, nn.Module):
+            for _, layer in sift_layers(params_or_model):
+                self._owners[id(layer.delta)] = weakref.ref(layer)
+            params = [p for p in params_or_model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("params_or_model: the model has no parameter that requires grad")
+        else:
+            params = params_or_model
+        defaults = dict(lr=float(lr), betas=tuple(float(b) for b in betas), eps=float(eps),
+                        weight_decay=float(weight_decay), maximize=bool(maximize))
+        super().__init__(params, defaults)
+        # id(δ) -> the layer's selection generation its moments belong to (process-local, not saved).
+        self._selection_seen: dict[int, int] = {}
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._selection_seen.clear()
+
+    def _layer_of(self, p: torch.Tensor) -> SIFTLinear | None:
+        ref = self._owners.get(id(p)) or _DELTA_OWNERS.get(p)
+        layer = ref() if ref is not None else None
+        return layer if layer is not None and layer.delta is p and layer.selected else None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("SparseAdamW: sparse-layout gradients are not supported (SIFT grads are dense [k])")
+                layer = self._layer_of(p)
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self._selection_seen.pop(id(p), None)
+                if layer is not None and self._selection_seen.setdefault(id(p), layer._selection_id) != layer._selection_id:
+                    raise RuntimeError(
+                        "SparseAdamW: a SIFT layer's index set changed after its optimizer state was created "
+                        "(recalibrated or reloaded); create a new optimizer"
+                    )
+                if state["exp_avg"].shape != p.shape:
+                    raise RuntimeError(f"SparseAdamW: state of shape {list(state['exp_avg'].shape)} for a parameter "
+                                       f"of shape {list(p.shape)}; create a new optimizer")
+                state["step"] += 1
+                step = int(state["step"].item())
+                if layer is not None:
+                    _k.sparse_adamw_step_(layer.weight, layer.indices, layer.w0_sel, p, grad, state["exp_avg"],
+                                          state["exp_avg_sq"], step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                          weight_decay=wd, maximize=group["maximize"])
+                    layer._mark_synced()
+                else:
+                    _adamw_update_(p, -grad if group["maximize"] else grad, state["exp_avg"], state["exp_avg_sq"],
+                                   step, lr, beta1, beta2, eps, wd)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration
+# ----------------------------------------------------------------------------------------------
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _default_loss(model: nn.Module, batch) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+    elif isinstance(batch, (list, tuple)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None and isinstance(out, torch.Tensor):
+        loss = out
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("batches: the model output has no scalar loss (does the batch carry labels?); pass loss_fn=")
+    return loss
+
+
+def _configured(model: nn.Module, field: str, default):
+    for cfg in _model.applied_configs(model):
+        if isinstance(cfg, SIFTConfig):
+            return getattr(cfg, field)
+    return default
+
+
+def sift_calibrate(model: nn.Module, batches: Iterable, *, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+                   calib_batches: int | None = None, density: float | None = None,
+                   progress: bool = True) -> dict[str, torch.Tensor]:
+    """Select each SIFTLinear's index set from |∇W L| summed over ``calib_batches`` batches.
+
+    ``batches``: any iterable (a DataLoader); each batch goes through ``loss_fn(model, batch)`` or, by
+    default, ``model(**batch).loss`` (dict batches, HF style), ``model(*batch)`` (tuples), ``model(batch)``.
+    ``calib_batches`` defaults to the applied SIFTConfig's (else 1); ``density`` to each layer's.
+    Only the target weights get gradients, and each is freed in a post-accumulate hook as soon as it
+    is ready (selected at once for one batch, |grad| accumulated in fp32 for several), so at most
+    one dense weight gradient lives at a time (plus the fp32 scores when calib_batches > 1).
+    Every requires_grad flag is restored. Returns {layer name: indices}."""
+    layers = sift_layers(model)
+    if not layers:
+        raise ValueError("model: no SIFTLinear module (apply a peftops.SIFTConfig first)")
+    n_batches = calib_batches if calib_batches is not None else _configured(model, "calib_batches", 1)
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"calib_batches: expected an int >= 1, got {n_batches!r}")
+    if density is not None:
+        _check_density(density)
+    dens = {}
+    for name, layer in layers:
+        d = density if density is not None else layer.density
+        if d is None:
+            raise ValueError(f"density: layer {name!r} has no density; pass density= to sift_calibrate")
+        dens[name] = d
+    device = next(model.parameters()).device
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_grads = {name: layer.weight.grad for name, layer in layers}
+    selected: dict[str, torch.Tensor] = {}
+    scores: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    handles = []
+    bar = None
+
+    def make_hook(name: str):
+        def hook(w: torch.Tensor) -> None:
+            grad, w.grad = w.grad, None
+            seen.add(name)
+            if n_batches == 1:
+                selected[name] = sift_select(grad, dens[name])
+            else:
+                if name not in scores:
+                    scores[name] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+                _k.abs_accumulate_(scores[name], grad)
+        return hook
+
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for name, layer in layers:
+            layer.weight.grad = None
+            layer.weight.requires_grad_(True)
+            layer._calibrating = True
+            handles.append(layer.weight.register_post_accumulate_grad_hook(make_hook(name)))
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=n_batches, desc="SIFT calibration", leave=False)
+            except ImportError:  # pragma: no cover
+                bar = None
+        it = iter(batches)
+        for i in range(n_batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise ValueError(f"batches: calib_batches={n_batches} but only {i} batches were given") from None
+            batch = _to_device(batch, device)
+            loss = loss_fn(model, batch) if loss_fn is not None else _default_loss(model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                raise ValueError("loss_fn: expected a scalar loss tensor that depends on the target weights")
+            loss.backward()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for h in handles:
+            h.remove()
+        for name, layer in layers:
+            layer._calibrating = False
+            layer.weight.grad = saved_grads[name]
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    missing = [name for name, _ in layers if name not in seen]
+    if missing:
+        warnings.warn(f"sift_calibrate: no gradient reached {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                      "their index sets are chosen from zero scores (the first k entries)", stacklevel=2)
+    for name, layer in layers:
+        if name not in selected:
+            score = scores.get(name)
+            if score is None:
+                score = torch.zeros(layer.weight.shape, dtype=torch.float32, device=layer.weight.device)
+            selected[name] = sift_select(score, dens[name])
+            scores.pop(name, None)
+        layer.set_indices(selected[name])
+    return selected
+
+
+def _make_callback_class():
+    from transformers import TrainerCallback
+
+    class SIFTCalibrationCallback(TrainerCallback):
+        """Calibrates every unselected SIFTLinear at train begin from the Trainer's train dataloader
+        (``model(**batch).loss``), so a Trainer loop needs no change:
+        ``Trainer(..., callbacks=[SIFTCalibrationCallback()])``. Layers that already have an index
+        set (loaded adapter, resumed checkpoint) are left alone unless ``recalibrate=True``.
+        Single process only: the Trainer wraps the model for DDP before train begin, when δ still
+        has size 0, so with several processes call ``sift_calibrate`` before creating the Trainer."""
+
+        def __init__(self, calib_batches: int | None = None, loss_fn=None, recalibrate: bool = False,
+                     progress: bool = True):
+            self.calib_batches, self.loss_fn, self.recalibrate, self.progress = calib_batches, loss_fn, recalibrate, progress
+
+        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+            if model is None or train_dataloader is None:
+                raise RuntimeError("SIFTCalibrationCallback: the Trainer passed no model / train_dataloader")
+            layers = sift_layers(model)
+            if not layers or (all(layer.selected for _, layer in layers) and not self.recalibrate):
+                return control
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                raise RuntimeError("SIFTCalibrationCallback: with several processes the Trainer has already wrapped "
+                                   "the model (DDP buckets sized for k = 0); call peftops.sift_calibrate(model, batches) "
+                                   "before creating the Trainer")
+            sift_calibrate(model, train_dataloader, loss_fn=self.loss_fn, calib_batches=self.calib_batches,
+                           progress=self.progress)
+            return control
+
+    SIFTCalibrationCallback.__module__ = __name__
+    return SIFTCalibrationCallback
+
+
+def __getattr__(name: str):
+    # transformers' trainer stack takes seconds to import: build the callback class on first use.
+    if name == "SIFTCalibrationCallback":
+        cls = _make_callback_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-level method
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SIFTConfig(_model.AdapterConfig):
+    """SIFT on every nn.Linear matching ``target_modules`` (None: the Llama projections
+    q/k/v/o/gate/up/down if the model has them, else BERT's query/key/value/attention.output.dense).
+    ``density``: fraction of each weight's entries trained (k = int(density·numel) + 1).
+    ``calib_batches``: batches whose |∇W| are summed to select the index sets."""
+
+    method: ClassVar[str] = "sift"
+    density: float = 0.01
+    calib_batches: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        _check_density(self.density)
+        if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise ValueError(f"calib_batches: expected an int >= 1, got {self.calib_batches!r}")
+
+
+_MERGED_KEY = "_peftops_sift_layer"  # on a merged nn.Linear: the SIFTLinear it came from (for unmerge)
+
+
+def _all_sift(model: nn.Module) -> list[tuple[str, SIFTLinear]]:
+    """SIFT layers, live or merged into a plain nn.Linear."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, SIFTLinear):
+            out.append((name, m))
+        elif isinstance(m, nn.Linear) and _MERGED_KEY in m.__dict__:
+            out.append((name, m.__dict__[_MERGED_KEY]))
+    return out
+
+
+@_model.register_method
+class SIFTMethod(_model.Method):
+    name = "sift"
+    config_class = SIFTConfig
+
+    def apply(self, model: nn.Module, config: SIFTConfig) -> None:
+        targets = config.target_modules
+        if targets is None:
+            targets = LLAMA_TARGETS if _model.find_target_modules(model, LLAMA_TARGETS) else BERT_TARGETS
+        found = _model.find_target_modules(model, targets)
+        if not found:
+            raise ValueError(f"target_modules: no nn.Linear in {type(model).__name__} matches {targets}")
+        config.target_modules = list(targets)
+        for name, linear in found:
+            _model.replace_module(model, name, SIFTLinear.from_linear(linear, density=config.density))
+
+    def adapter_state_dict(self, model: nn.Module, config: SIFTConfig) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, layer in _all_sift(model):
+            if not layer.selected:
+                raise ValueError(f"model: SIFT layer {name!r} has no index set yet; run sift_calibrate before saving")
+            out[f"{name}.indices"] = layer.indices
+            out[f"{name}.delta"] = layer.delta.detach()
+        return out
+
+    def load_adapter_state_dict(self, model: nn.Module, config: SIFTConfig, state: dict[str, torch.Tensor]) -> None:
+        layers = dict(sift_layers(model))
+        if any(_MERGED_KEY in m.__dict__ for m in model.modules()):
+            raise ValueError("model: SIFT is merged; peftops.unmerge(model) before loading an adapter")
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in state.items():
+            mod, _, field = key.rpartition(".")
+            if field not in ("indices", "delta") or not mod:
+                raise ValueError(f"state: unexpected SIFT tensor {key!r} (expected '<module>.indices' / '<module>.delta')")
+            by_module.setdefault(mod, {})[field] = t
+        unknown = sorted(set(by_module) - set(layers))
+        if unknown:
+            raise ValueError(f"state: the adapter has tensors for modules this model has no SIFT layer for: {unknown[:5]} "
+                             f"(different base model or target_modules?)")
+        missing = sorted(set(layers) - set(by_module))
+        if missing:
+            raise ValueError(f"state: the adapter has no tensors for the model's SIFT layers {missing[:5]}")
+        checked = {}
+        for mod, fields in by_module.items():
+            layer = layers[mod]
+            for f in ("indices", "delta"):
+                if f not in fields:
+                    raise ValueError(f"state: {mod}.{f} is missing")
+            idx, delta = fields["indices"], fields["delta"]
+            if idx.dim() != 1 or idx.dtype not in INDEX_DTYPES:
+                raise ValueError(f"state: {mod}.indices must be a 1-D int64 tensor, got {list(idx.shape)} {idx.dtype}")
+            if delta.dim() != 1 or not delta.is_floating_point():
+                raise ValueError(f"state: {mod}.delta must be a 1-D float tensor, got {list(delta.shape)} {delta.dtype}")
+            if idx.numel() != delta.numel():
+                raise ValueError(f"state: {mod}.indices has {idx.numel()} entries but {mod}.delta has {delta.numel()}")
+            numel = layer.weight.numel()
+            if not 1 <= idx.numel() <= numel:
+                raise ValueError(f"state: {mod}.indices has {idx.numel()} entries; the weight {list(layer.weight.shape)} allows 1..{numel}")
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= numel:
+                raise ValueError(f"state: {mod}.indices holds values in [{lo}, {hi}], outside [0, {numel}) for the "
+                                 f"weight {list(layer.weight.shape)}")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise ValueError(f"state: {mod}.indices must be strictly ascending (sorted, unique)")
+            checked[mod] = (idx, delta)
+        for mod, (idx, delta) in checked.items():  # nothing is touched until every tensor checked out
+            layer = layers[mod]
+            layer.set_indices(idx)
+            with torch.no_grad():
+                layer.delta.copy_(delta.to(device=layer.delta.device, dtype=layer.delta.dtype))
+            layer.resync_()
+
+    def merge(self, model: nn.Module, config: SIFTConfig) -> None:
+        """Replace each SIFTLinear by a plain nn.Linear sharing the (merged) weight W0 + δ."""
+        for name, layer in sift_layers(model):
+            if layer.delta._version != layer._synced_version:
+                layer.resync_()
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            linear.weight = layer.weight
+            linear.bias = layer.bias
+            linear.__dict__[_MERGED_KEY] = layer
+            _model.replace_module(model, name, linear)
+
+    def unmerge(self, model: nn.Module, config: SIFTConfig) -> None:
+        """Put the SIFTLinear layers back and write W0[I] into the weights, bit-exactly. δ is kept:
+        the next forward merges it again (outputs stay adapted, as with PEFT's unmerge)."""
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.Linear) and _MERGED_KEY in m.__dict__:
+                _model.replace_module(model, name, m.__dict__.pop(_MERGED_KEY))
+        for _, layer in sift_layers(model):
+            layer.restore_base_()
