@@ -633,10 +633,13 @@ def sddmm_at_indices_reference(dy: torch.Tensor, x: torch.Tensor, rows: torch.Te
     out = torch.empty(k, dtype=acc_dtype, device=dy.device)
     rows = rows.long()
     cols = cols.long()
-    chunk = max(1, (1 << 24) // max(1, dy.shape[0]))  # bound the gathered [T, chunk] operands
+    # [d, T] copies make every gathered operand a contiguous row (column gathers of [T, d] are strided)
+    dy_t = dy.t().contiguous()
+    x_t = x.t().contiguous()
+    chunk = max(1, (1 << 24) // max(1, dy.shape[0]))  # bound the gathered [chunk, T] operands
     for s in range(0, k, chunk):
         r, c = rows[s:s + chunk], cols[s:s + chunk]
-        out[s:s + chunk] = (dy[:, r].to(acc_dtype) * x[:, c].to(acc_dtype)).sum(0)
+        out[s:s + chunk] = (dy_t.index_select(0, r).to(acc_dtype) * x_t.index_select(0, c).to(acc_dtype)).sum(1)
     return out
 
 

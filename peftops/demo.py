@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 DEFAULT_METHODS = ["full", "lora", "sift", "aot", "wegeft", "wegeft+safe"]
+# every linear of the BERT encoder layers (not the pooler, which mean pooling does not use)
+ENCODER_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def prepare_full(model, args, train_iter):
 def prepare_lora(model, args, train_iter):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "key", "value", "dense"],
+    cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=ENCODER_LINEARS,
                      lora_dropout=0.0, modules_to_save=None)
     model.encoder = get_peft_model(model.encoder, cfg)
     head = _head_params(model)
@@ -155,7 +157,7 @@ def prepare_lora(model, args, train_iter):
 def prepare_sift(model, args, train_iter):
     import peftops
 
-    peftops.apply(model.encoder, peftops.SIFTConfig(density=args.density, target_modules=["query", "key", "value", "dense"]))
+    peftops.apply(model.encoder, peftops.SIFTConfig(density=args.density, target_modules=ENCODER_LINEARS))
     head = _head_params(model)
     calib = [next(train_iter) for _ in range(1)]
     peftops.sift_calibrate(model, calib, progress=False)
