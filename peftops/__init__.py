@@ -25,6 +25,23 @@ from .sift import (
     sift_linear,
     sift_select,
 )
+from .aot import (
+    AoTBias,
+    AoTConfig,
+    AoTLayerBias,
+    AoTMethod,
+    aot_bias_add,
+    aot_disabled,
+    aot_segment_plan,
+    aot_table_grad,
+    aot_tasks,
+    compile_aot_tables,
+    get_aot,
+    load_task_tables,
+    materialize_aot_tables,
+    set_aot_tables,
+    stack_task_tables,
+)
 
 
 def __getattr__(name):

@@ -1,0 +1,516 @@
+"""AoT P-Tuning kernels: the fused gather-add ``h + P[task, ids]`` and its table backward.
+
+Shapes. ``hidden`` [..., d] with ``ids`` [...] (= hidden.shape[:-1]); ``table`` [V, d] or stacked
+[T, V, d]; ``task_ids`` [B] (B = hidden.shape[0]), one task per sample, so token n of the flattened
+batch reads table row ``task_ids[n // tokens_per_sample] * V + ids[n]``.
+
+Forward: one pass, ``out[n, :] = h[n, :] + P[row(n), :]`` accumulated in fp32 (fp64 when either
+operand is fp64) and rounded once to hidden's dtype; ``out`` may be ``hidden`` (in place).
+Rows whose id or task id is out of range read nothing (bias 0): a bad id can never cause an
+out-of-bounds read, and the dispatching functions raise a clear error before any launch.
+
+Backward into the table: ``dP[r] = sum_{n: row(n) = r} dY[n]``. The flat table rows of the tokens
+are sorted once (stable) into a *segment plan*; one program per (segment, column block) sums the
+segment's gradient rows in a fixed order in fp32: deterministic, no atomics, and only the rows
+that occur are written. Segments are launched longest first, so a Zipf-heavy id does not become
+the tail of the launch.
+
+Plan layout (int64, one tensor so it travels through custom ops): for N tokens and U distinct rows
+``[perm (N) | seg_row (U) | seg_count (U) | slot_seg (U) | slot_start (U) | slot_count (U) | slot_row (U)]``.
+``perm`` sorts the tokens by row; segment s (ascending table row ``seg_row[s]``) has ``seg_count[s]``
+tokens. Slots list the segments longest first: slot i reduces ``perm[slot_start[i] :
+slot_start[i] + slot_count[i]]`` into segment ``slot_seg[i]`` / table row ``slot_row[i]``, all
+read independently (no chain of dependent loads before the gradient rows).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor
+from ._dispatch import HAS_TRITON, CompileSpec, autotune, next_pow2, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = [
+    "gather_add", "gather_add_reference", "table_grad_rows", "table_grad_rows_reference",
+    "table_grad_dense", "table_grad_dense_reference", "segment_plan", "pack_plan", "flat_table_rows",
+    "plan_num_segments",
+    "check_gather_add_args",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    _GATHER_ADD_CONFIGS = [
+        triton.Config({"BLOCK_R": r, "BLOCK_D": c}, num_warps=w)
+        for r, c, w in [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (16, 128, 4), (32, 64, 4)]
+    ]
+
+    @autotune(
+        configs=_GATHER_ADD_CONFIGS,
+        key=["d", "n_bucket"],
+        interpret_config=triton.Config({"BLOCK_R": 8, "BLOCK_D": 64}),
+        restore_value=["out_ptr"],  # in place (out is h): tuning must not add the bias twice
+    )
+    @triton.jit
+    def _gather_add_kernel(
+        h_ptr, out_ptr, ids_ptr, table_ptr, task_ptr,
+        n_rows, d, vocab, n_tasks, tokens_per_sample,
+        stride_h, stride_o, stride_tt, stride_tv, n_bucket,
+        HAS_TASK: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_col_blocks = tl.cdiv(d, BLOCK_D)
+        row_block = pid // n_col_blocks
+        col_block = pid % n_col_blocks
+        rows = row_block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_ok = rows < n_rows
+        col_ok = cols < d
+        ids = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        hit = row_ok & (ids >= 0) & (ids < vocab)
+        table_row = ids * stride_tv
+        if HAS_TASK:
+            task = tl.load(task_ptr + rows // tokens_per_sample, mask=row_ok, other=0).to(tl.int64)
+            hit = hit & (task >= 0) & (task < n_tasks)
+            table_row += task * stride_tt
+        mask = row_ok[:, None] & col_ok[None, :]
+        # h streams through once; table rows recur (frequent tokens): keep those in L2 longer
+        h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0,
+                    eviction_policy="evict_first")
+        p = tl.load(table_ptr + table_row[:, None] + cols[None, :], mask=hit[:, None] & col_ok[None, :], other=0.0,
+                    eviction_policy="evict_last")
+        if ACC_FP64:
+            s = h.to(tl.float64) + p.to(tl.float64)
+        else:
+            s = h.to(tl.float32) + p.to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], s.to(out_ptr.dtype.element_ty), mask=mask)
+
+    _SEGMENT_SUM_CONFIGS = [
+        triton.Config({"BLOCK_R": r, "BLOCK_D": c}, num_warps=w)
+        for r, c, w in [(16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 256, 8), (8, 512, 4), (64, 64, 4)]
+    ]
+
+    @autotune(
+        configs=_SEGMENT_SUM_CONFIGS,
+        key=["d"],
+        interpret_config=triton.Config({"BLOCK_R": 8, "BLOCK_D": 64}),
+    )
+    @triton.jit
+    def _segment_sum_kernel(
+        g_ptr, plan_ptr, out_ptr,
+        n_tokens, n_segments, d, stride_g, stride_o,
+        ROW_FROM_PLAN: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_col_blocks = tl.cdiv(d, BLOCK_D)
+        slot = (pid // n_col_blocks).to(tl.int64)
+        col_block = pid % n_col_blocks
+        slots = plan_ptr + n_tokens + 2 * n_segments  # slot_seg | slot_start | slot_count | slot_row
+        start = tl.load(slots + n_segments + slot)
+        count = tl.load(slots + 2 * n_segments + slot).to(tl.int32)
+        if ROW_FROM_PLAN:
+            out_row = tl.load(slots + 3 * n_segments + slot)
+        else:
+            out_row = tl.load(slots + slot)
+        cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        if ACC_FP64:
+            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float64)
+        else:
+            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for k in range(0, count, BLOCK_R):
+            j = k + tl.arange(0, BLOCK_R)
+            j_ok = j < count
+            src = tl.load(plan_ptr + start + j, mask=j_ok, other=0)
+            g = tl.load(g_ptr + src[:, None] * stride_g + cols[None, :], mask=j_ok[:, None] & col_ok[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            acc += g.to(acc.dtype)
+        total = tl.sum(acc, axis=0)
+        tl.store(out_ptr + out_row * stride_o + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (inputs already validated; 2-D row views with unit column stride)
+# ----------------------------------------------------------------------------------------------
+def _acc_fp64(*dtypes: torch.dtype) -> bool:
+    return any(dt == torch.float64 for dt in dtypes)
+
+
+def _table_geometry(table: torch.Tensor) -> tuple[int, int, int, int]:
+    """(n_tasks, vocab, stride_task, stride_row) of a [V, d] or [T, V, d] table."""
+    if table.dim() == 2:
+        return 1, table.shape[0], 0, table.stride(0)
+    return table.shape[0], table.shape[1], table.stride(0), table.stride(1)
+
+
+def _launch_gather_add(h2, ids1, table, task_ids, tokens_per_sample, out2):
+    n_rows, d = h2.shape
+    if n_rows == 0:
+        return out2
+    n_tasks, vocab, stride_tt, stride_tv = _table_geometry(table)
+    has_task = task_ids is not None
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_R"]) * triton.cdiv(d, meta["BLOCK_D"]),)
+
+    _gather_add_kernel[grid](
+        h2, out2, ids1, table, task_ids if has_task else ids1,
+        n_rows, d, vocab, n_tasks, max(int(tokens_per_sample), 1),
+        h2.stride(0), out2.stride(0), stride_tt, stride_tv, min(next_pow2(n_rows), 1 << 16),
+        HAS_TASK=has_task, ACC_FP64=_acc_fp64(h2.dtype, table.dtype),
+    )
+    return out2
+
+
+def _launch_segment_sum(g2, plan, n_segments, out2, row_from_plan):
+    n_tokens, d = g2.shape
+    if n_segments == 0:
+        return out2
+
+    def grid(meta):
+        return (n_segments * triton.cdiv(d, meta["BLOCK_D"]),)
+
+    _segment_sum_kernel[grid](
+        g2, plan, out2, n_tokens, n_segments, d, g2.stride(0), out2.stride(0),
+        ROW_FROM_PLAN=row_from_plan, ACC_FP64=_acc_fp64(g2.dtype),
+    )
+    return out2
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch references (tensors in, tensors out, no autograd)
+# ----------------------------------------------------------------------------------------------
+def _token_tasks(ids: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Task of every token, shaped like ids (task_ids[b] repeated over sample b's tokens)."""
+    if task_ids is None:
+        return None
+    per = ids.numel() // max(task_ids.numel(), 1)
+    return task_ids.long().repeat_interleave(per).view(ids.shape)
+
+
+def flat_table_rows(ids: torch.Tensor, task_ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """Row of the flattened [T·V, d] table each token reads: task·V + id, int64 [N]."""
+    rows = ids.reshape(-1).long()
+    tasks = _token_tasks(ids, task_ids)
+    if tasks is not None:
+        rows = tasks.reshape(-1) * vocab + rows
+    return rows
+
+
+def gather_add_reference(hidden, ids, table, task_ids=None):
+    """hidden + table[task_ids[b], ids[b, s]], summed in fp32 (fp64 if an operand is fp64),
+    returned in hidden's dtype."""
+    acc = torch.float64 if _acc_fp64(hidden.dtype, table.dtype) else torch.float32
+    table3 = table if table.dim() == 3 else table.unsqueeze(0)
+    tasks = _token_tasks(ids, task_ids)
+    if tasks is None:
+        tasks = torch.zeros_like(ids, dtype=torch.long)
+    bias = table3[tasks, ids.long()]
+    return (hidden.to(acc) + bias.to(acc)).to(hidden.dtype)
+
+
+def _split_plan(plan: torch.Tensor, n_tokens: int):
+    """(perm, seg_row, seg_count) views of a plan."""
+    u = plan_num_segments(plan, n_tokens)
+    return plan[:n_tokens], plan[n_tokens:n_tokens + u], plan[n_tokens + u:n_tokens + 2 * u]
+
+
+def table_grad_rows_reference(grad, ids, vocab, task_ids=None, dtype=torch.float32, plan=None):
+    """(rows [U] int64 ascending, sums [U, d] in ``dtype``): the gradient of every table row that
+    occurs, rows indexing the flattened [T·V, d] table. Sorted segment sums (deterministic),
+    accumulated in fp32 (fp64 for fp64 grad); ``plan`` (segment_plan of these ids) skips the sort."""
+    d = grad.shape[-1]
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    g2 = grad.reshape(-1, d)
+    if plan is None:
+        sorted_rows, perm = torch.sort(flat_table_rows(ids, task_ids, vocab), stable=True)
+        rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    else:
+        perm, rows, counts = _split_plan(plan, g2.shape[0])
+    if rows.numel() == 0:
+        return rows, grad.new_zeros(0, d, dtype=dtype)
+    sums = torch.segment_reduce(g2[perm].to(acc), "sum", lengths=counts, axis=0)
+    return rows, sums.to(dtype)
+
+
+def table_grad_dense_reference(grad, ids, table_shape, task_ids=None, dtype=torch.float32, plan=None):
+    """The table-shaped gradient: the rows of table_grad_rows_reference, zeros elsewhere (no
+    zero fill when every row occurs)."""
+    table_shape = tuple(table_shape)
+    vocab, d = table_shape[-2], table_shape[-1]
+    rows, sums = table_grad_rows_reference(grad, ids, vocab, task_ids, dtype, plan)
+    n_rows = math.prod(table_shape[:-1])
+    if rows.numel() == n_rows:
+        return sums.view(table_shape)
+    out = torch.zeros(table_shape, dtype=dtype, device=grad.device)
+    out.view(-1, d).index_copy_(0, rows, sums)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def check_gather_add_args(hidden, ids, table, task_ids, *, values: bool = True) -> None:
+    """Shapes, dtypes, devices (and with ``values`` the id ranges, one host sync) of a gather-add.
+
+    Raises TypeError/ValueError/IndexError naming the offending argument."""
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    check_tensor("input_ids", ids, dtypes=INDEX_DTYPES)
+    check_tensor("table", table, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden: expected shape [..., d], got {list(hidden.shape)}")
+    if tuple(ids.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"input_ids: expected shape {list(hidden.shape[:-1])} (hidden.shape[:-1]), "
+                         f"got {list(ids.shape)}")
+    d = hidden.shape[-1]
+    if table.shape[-1] != d:
+        raise ValueError(f"table: hidden size {table.shape[-1]} does not match hidden's {d} "
+                         f"(table shape {list(table.shape)})")
+    if d == 0:
+        raise ValueError("hidden: hidden size must be at least 1")
+    check_same_device(hidden=hidden, input_ids=ids, table=table, task_ids=task_ids)
+    n_tasks, vocab = (1, table.shape[0]) if table.dim() == 2 else (table.shape[0], table.shape[1])
+    if task_ids is not None:
+        check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
+        if table.dim() != 3:
+            raise ValueError(f"task_ids: given, but table is a single task's [V, d] table (shape {list(table.shape)}); "
+                             "stack tasks into [n_tasks, V, d]")
+        if ids.dim() < 1 or task_ids.numel() != ids.shape[0]:
+            raise ValueError(f"task_ids: expected one task per sample, shape [{ids.shape[0] if ids.dim() else 1}], "
+                             f"got {list(task_ids.shape)}")
+    elif table.dim() == 3 and n_tasks != 1:
+        raise ValueError(f"task_ids: required for a stacked table of {n_tasks} tasks (shape {list(table.shape)})")
+    if values:
+        check_index_range("input_ids", ids, vocab, what=f"token ids (vocabulary of the table, V = {vocab})")
+        if task_ids is not None:
+            check_index_range("task_ids", task_ids, n_tasks, what=f"task ids (the table stacks {n_tasks} tasks)")
+
+
+def _rows_view(t: torch.Tensor, d: int) -> torch.Tensor:
+    """t as [N, d] with unit column stride (a view when possible)."""
+    t2 = t.reshape(-1, d)
+    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < d):
+        t2 = t2.contiguous()
+    return t2
+
+
+def _writable_rows(t: torch.Tensor, d: int) -> torch.Tensor | None:
+    """A [N, d] view of t (unit column stride, rows not overlapping) to write into, or None."""
+    try:
+        t2 = t.view(-1, d)
+    except RuntimeError:
+        return None
+    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < d):
+        return None
+    return t2
+
+
+def _table_view(table: torch.Tensor) -> torch.Tensor:
+    return table if table.stride(-1) == 1 else table.contiguous()
+
+
+def _tokens_per_sample(ids: torch.Tensor, task_ids: torch.Tensor | None) -> int:
+    if task_ids is None or task_ids.numel() == 0:
+        return 1
+    return ids.numel() // task_ids.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# public dispatching functions
+# ----------------------------------------------------------------------------------------------
+def gather_add(hidden, ids, table, task_ids=None, *, out=None, validate: bool = True):
+    """``out = hidden + table[task_ids[b], ids]`` in one pass (see module docstring).
+
+    hidden [..., d] float; ids [...] int32/int64; table [V, d] or [T, V, d] float (any float
+    dtype, mixed with hidden's allowed); task_ids [B] (required iff T > 1). ``out``: None (new
+    tensor of hidden's shape and dtype) or a tensor of that shape and dtype, ``hidden`` itself
+    included (in place). ``validate=False`` skips the id range check (no host sync); rows with
+    bad ids then get no bias instead of reading out of bounds on the Triton path.
+    """
+    check_gather_add_args(hidden, ids, table, task_ids, values=validate)
+    if out is not None:
+        check_tensor("out", out, dtypes=(hidden.dtype,), shape=list(hidden.shape), device=hidden.device)
+    d = hidden.shape[-1]
+    if not use_triton(hidden):
+        res = gather_add_reference(hidden, ids, table, task_ids)
+        if out is None:
+            return res
+        return out.copy_(res)
+    h2 = _rows_view(hidden, d)
+    if out is None:
+        target = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        o2 = target.view(-1, d)
+    else:
+        target = out
+        o2 = _writable_rows(out, d)
+    copy_back = o2 is None
+    if copy_back:  # out cannot be viewed as rows: write a private buffer (h2 itself when in place)
+        o2 = h2 if (out is hidden and h2.data_ptr() != hidden.data_ptr()) else torch.empty_like(h2)
+    ids1 = ids.reshape(-1)
+    if not ids1.is_contiguous():
+        ids1 = ids1.contiguous()
+    tasks = task_ids.contiguous() if task_ids is not None else None
+    _launch_gather_add(h2, ids1, _table_view(table), tasks, _tokens_per_sample(ids, task_ids), o2)
+    if copy_back:
+        target.copy_(o2.view(hidden.shape))
+    return target
+
+
+def pack_plan(perm: torch.Tensor, seg_row: torch.Tensor, seg_count: torch.Tensor) -> torch.Tensor:
+    """A segment plan from the token order, the ascending distinct rows and their counts."""
+    seg_count = seg_count.long()
+    starts = torch.cumsum(seg_count, 0) - seg_count
+    order = torch.argsort(seg_count, descending=True, stable=True)
+    return torch.cat([perm.long(), seg_row.long(), seg_count, order, starts[order], seg_count[order],
+                      seg_row.long()[order]])
+
+
+def segment_plan(flat_rows: torch.Tensor) -> torch.Tensor:
+    """The segment plan (layout in the module docstring) of the table rows tokens read.
+
+    One stable sort of the N rows plus a unique pass (one host sync, for U). Reuse the plan for
+    every backward that shares the ids (e.g. all layers of a model in one step)."""
+    check_tensor("flat_rows", flat_rows, ndim=1, dtypes=INDEX_DTYPES)
+    sorted_rows, perm = torch.sort(flat_rows.long(), stable=True)
+    seg_row, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    return pack_plan(perm, seg_row, counts)
+
+
+def plan_num_segments(plan: torch.Tensor, n_tokens: int) -> int:
+    """U of a plan built for n_tokens tokens (shape arithmetic only)."""
+    extra = plan.numel() - n_tokens
+    if extra < 0 or extra % 6:
+        raise ValueError(f"plan: {plan.numel()} entries do not fit the layout for {n_tokens} tokens")
+    return extra // 6
+
+
+def _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate):
+    check_tensor("grad", grad, dtypes=FLOAT_DTYPES)
+    check_tensor("input_ids", ids, dtypes=INDEX_DTYPES)
+    if tuple(ids.shape) != tuple(grad.shape[:-1]):
+        raise ValueError(f"input_ids: expected shape {list(grad.shape[:-1])} (grad.shape[:-1]), got {list(ids.shape)}")
+    check_same_device(grad=grad, input_ids=ids, task_ids=task_ids)
+    if task_ids is not None:
+        check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
+        if ids.dim() < 1 or task_ids.numel() != ids.shape[0]:
+            raise ValueError(f"task_ids: expected one task per sample, got shape {list(task_ids.shape)}")
+    elif n_tasks != 1:
+        raise ValueError(f"task_ids: required for a stacked table of {n_tasks} tasks")
+    if validate:
+        check_index_range("input_ids", ids, vocab, what=f"token ids (vocabulary of the table, V = {vocab})")
+        if task_ids is not None:
+            check_index_range("task_ids", task_ids, n_tasks, what=f"task ids (the table stacks {n_tasks} tasks)")
+
+
+def _segment_sums(grad, ids, vocab, task_ids, dtype, plan, row_from_plan, out):
+    d = grad.shape[-1]
+    g2 = _rows_view(grad, d)
+    if plan is None:
+        plan = segment_plan(flat_table_rows(ids, task_ids, vocab))
+    n_segments = plan_num_segments(plan, g2.shape[0])
+    if out is None:
+        out = torch.empty(n_segments, d, dtype=dtype, device=grad.device)
+    _launch_segment_sum(g2, plan.contiguous(), n_segments, out, row_from_plan)
+    return plan, n_segments, out
+
+
+def table_grad_rows(grad, ids, vocab: int, task_ids=None, *, n_tasks: int = 1, dtype=torch.float32,
+                    plan=None, validate: bool = True):
+    """Gradient of the table rows that occur: ``(rows [U] int64 ascending, sums [U, d])``.
+
+    rows index the flattened [T·V, d] table (task·V + id); sums[i] = Σ grad[n] over tokens n
+    reading rows[i], accumulated in fp32 (fp64 for fp64 grad) in a fixed order (bitwise
+    deterministic), stored in ``dtype``. ``plan``: a precomputed segment_plan of these ids."""
+    _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate)
+    if not use_triton(grad):
+        return table_grad_rows_reference(grad, ids, vocab, task_ids, dtype, plan)
+    plan, n_segments, sums = _segment_sums(grad, ids, vocab, task_ids, dtype, plan, False, None)
+    return plan[ids.numel():ids.numel() + n_segments], sums
+
+
+def table_grad_dense(grad, ids, table_shape, task_ids=None, *, dtype=torch.float32, plan=None, validate: bool = True):
+    """The table-shaped gradient ([V, d] or [T, V, d]) of a gather-add.
+
+    When every row occurs (e.g. a per-batch table of the batch's unique ids) the segment sums
+    are written straight into it; otherwise it is zero-filled first (the cost of a dense
+    gradient for a full-vocabulary table: use table_grad_rows or sparse gradients to avoid it)."""
+    table_shape = tuple(int(s) for s in table_shape)
+    if len(table_shape) not in (2, 3):
+        raise ValueError(f"table_shape: expected [V, d] or [T, V, d], got {list(table_shape)}")
+    n_tasks, vocab = (1, table_shape[0]) if len(table_shape) == 2 else table_shape[:2]
+    if grad.shape[-1] != table_shape[-1]:
+        raise ValueError(f"table_shape: hidden size {table_shape[-1]} does not match grad's {grad.shape[-1]}")
+    _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate)
+    if not use_triton(grad):
+        return table_grad_dense_reference(grad, ids, table_shape, task_ids, dtype, plan)
+    d = table_shape[-1]
+    if plan is None:
+        plan = segment_plan(flat_table_rows(ids, task_ids, vocab))
+    n_segments = plan_num_segments(plan, ids.numel())
+    n_rows = n_tasks * vocab
+    alloc = torch.empty if n_segments == n_rows else torch.zeros
+    out = alloc(table_shape, dtype=dtype, device=grad.device)
+    _segment_sums(grad, ids, vocab, task_ids, dtype, plan, True, out.view(n_rows, d))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# sm_90 compile specs (checked without a GPU by kernels/_compile_check.py)
+# ----------------------------------------------------------------------------------------------
+SM90_COMPILE_SPECS = []
+if HAS_TRITON:
+    _TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+
+    def _gather_spec(h_dt, t_dt, ids_ty, has_task, configs):
+        sig = {
+            "h_ptr": _TY[h_dt], "out_ptr": _TY[h_dt], "ids_ptr": ids_ty, "table_ptr": _TY[t_dt],
+            "task_ptr": "*i64" if has_task else ids_ty,
+            "n_rows": "i32", "d": "i32", "vocab": "i32", "n_tasks": "i32", "tokens_per_sample": "i32",
+            "stride_h": "i64", "stride_o": "i64", "stride_tt": "i64", "stride_tv": "i64", "n_bucket": "i32",
+            "HAS_TASK": "constexpr", "ACC_FP64": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr",
+        }
+        return [
+            CompileSpec(_gather_add_kernel, sig,
+                        {"HAS_TASK": has_task, "ACC_FP64": _acc_fp64(h_dt, t_dt), **cfg.kwargs},
+                        name=f"gather_add[{h_dt}|{t_dt}|{ids_ty}|task={has_task}|{cfg.kwargs}]")
+            for cfg in configs
+        ]
+
+    # every autotuned block shape on the hot variant, the first and last shapes on the others
+    _ends = [_GATHER_ADD_CONFIGS[0], _GATHER_ADD_CONFIGS[-1]]
+    SM90_COMPILE_SPECS.extend(_gather_spec(torch.bfloat16, torch.bfloat16, "*i64", False, _GATHER_ADD_CONFIGS))
+    for _h, _t, _ids, _task in [
+        (torch.bfloat16, torch.bfloat16, "*i64", True), (torch.float16, torch.float16, "*i32", False),
+        (torch.float32, torch.float32, "*i64", True), (torch.bfloat16, torch.float32, "*i64", False),
+        (torch.float16, torch.float32, "*i64", True), (torch.float64, torch.float64, "*i64", False),
+    ]:
+        SM90_COMPILE_SPECS.extend(_gather_spec(_h, _t, _ids, _task, _ends))
+
+    def _segment_spec(g_dt, o_dt, row_from_plan, configs):
+        sig = {
+            "g_ptr": _TY[g_dt], "plan_ptr": "*i64", "out_ptr": _TY[o_dt],
+            "n_tokens": "i32", "n_segments": "i32", "d": "i32", "stride_g": "i64", "stride_o": "i64",
+            "ROW_FROM_PLAN": "constexpr", "ACC_FP64": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr",
+        }
+        return [
+            CompileSpec(_segment_sum_kernel, sig,
+                        {"ROW_FROM_PLAN": row_from_plan, "ACC_FP64": g_dt == torch.float64, **cfg.kwargs},
+                        name=f"segment_sum[{g_dt}->{o_dt}|row_from_plan={row_from_plan}|{cfg.kwargs}]")
+            for cfg in configs
+        ]
+
+    _ends = [_SEGMENT_SUM_CONFIGS[0], _SEGMENT_SUM_CONFIGS[-1]]
+    for _g, _o, _rfp, _cfgs in [
+        (torch.bfloat16, torch.float32, False, _SEGMENT_SUM_CONFIGS),
+        (torch.bfloat16, torch.bfloat16, True, _SEGMENT_SUM_CONFIGS),
+        (torch.float16, torch.float16, True, _ends), (torch.float32, torch.float32, True, _ends),
+        (torch.float32, torch.float32, False, _ends), (torch.float64, torch.float64, True, _ends),
+    ]:
+        SM90_COMPILE_SPECS.extend(_segment_spec(_g, _o, _rfp, _cfgs))

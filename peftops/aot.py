@@ -1,0 +1,775 @@
+"""AoT P-Tuning: an input-dependent bias added ahead of every transformer layer (DESIGN §2).
+
+For task τ and layer l a table P^τ_l ∈ R^{V×d}; before layer l, ``h_l[b, s] += P^{τ_b}_l[x_{b,s}]``
+(h_0 = the embedding output, every position, padding included; nothing after the last layer).
+
+Training uses a reparameterisation that yields a row of length L·d per token id (layer-major),
+computed only for the unique ids of the batch:
+
+- ``kron``:   row(v) = kron(W_L[v // b], W_M[v % b]) · W_R,   W_L [a, r], W_M [b, r], W_R [r², L·d]
+- ``fc``:     row(v) = act(E[v] · W1 + b1) · W2 + b2,          E the frozen word embeddings
+- ``direct``: row(v) = P[:, v, :]                                (a trainable [L, V, d]; tiny models)
+
+Ahead of time, each task's full [L, V, d] table is materialised once and the reparameterisation is
+dropped; serving is one fused gather-add per layer (in place when autograd is off). Several tasks'
+tables stack into [T, L, V, d] and one batch may mix tasks (a task id per sample).
+
+The bias depends on the input ids, so it cannot fold into any weight: ``peftops.merge`` for AoT
+compiles the tables (same outputs, no reparameterisation left) and ``unmerge`` is not possible.
+
+    cfg = AoTConfig(reparam="kron", rank=16)
+    model = peftops.apply(model, cfg)            # hooks the embedding and every layer
+    ...train...
+    compile_aot_tables(model, dtype=torch.bfloat16)
+    peftops.save_adapter(model, "task_a/")       # the compiled tables
+    serve = load_task_tables(base, ["task_a/", "task_b/"])
+    serve(input_ids, aot_task_ids=torch.tensor([0, 1, 1, 0]))
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import ClassVar, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kernels import aot as K
+from .kernels._checks import INDEX_DTYPES, check_index_range, check_tensor
+from .model import AdapterConfig, Method, applied_configs, register_method
+
+__all__ = [
+    "aot_bias_add", "aot_table_grad", "aot_segment_plan", "AoTConfig", "AoTMethod", "AoTBias", "AoTLayerBias",
+    "compile_aot_tables", "materialize_aot_tables", "stack_task_tables", "set_aot_tables", "load_task_tables",
+    "aot_tasks", "aot_disabled", "get_aot",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("peftops::aot_bias_add", mutates_args=())
+def _bias_add_op(hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Optional[Tensor],
+                 plan: Optional[Tensor], validate: bool, sparse_grad: bool) -> Tensor:
+    out = K.gather_add(hidden, input_ids, table, task_ids, validate=validate)
+    return out.contiguous()
+
+
+@_bias_add_op.register_fake
+def _(hidden, input_ids, table, task_ids, plan, validate, sparse_grad):
+    return hidden.new_empty(hidden.shape)
+
+
+@torch.library.custom_op("peftops::aot_bias_add_", mutates_args=("hidden",))
+def _bias_add_inplace_op(hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Optional[Tensor],
+                         validate: bool) -> None:
+    K.gather_add(hidden, input_ids, table, task_ids, out=hidden, validate=validate)
+
+
+@_bias_add_inplace_op.register_fake
+def _(hidden, input_ids, table, task_ids, validate):
+    return None
+
+
+@torch.library.custom_op("peftops::aot_table_grad", mutates_args=())
+def _table_grad_op(grad: Tensor, input_ids: Tensor, task_ids: Optional[Tensor], plan: Optional[Tensor],
+                   table_shape: list[int], dtype: torch.dtype) -> Tensor:
+    return K.table_grad_dense(grad, input_ids, table_shape, task_ids, dtype=dtype, plan=plan, validate=False)
+
+
+@_table_grad_op.register_fake
+def _(grad, input_ids, task_ids, plan, table_shape, dtype):
+    return grad.new_empty(table_shape, dtype=dtype)
+
+
+@torch.library.custom_op("peftops::aot_table_grad_rows", mutates_args=())
+def _table_grad_rows_op(grad: Tensor, input_ids: Tensor, task_ids: Optional[Tensor], plan: Optional[Tensor],
+                        vocab: int, n_tasks: int, dtype: torch.dtype, validate: bool) -> tuple[Tensor, Tensor]:
+    rows, sums = K.table_grad_rows(grad, input_ids, vocab, task_ids, n_tasks=n_tasks, dtype=dtype, plan=plan,
+                                   validate=validate)
+    return rows.clone(), sums  # rows may be a slice of the plan: outputs must not alias inputs
+
+
+@_table_grad_rows_op.register_fake
+def _(grad, input_ids, task_ids, plan, vocab, n_tasks, dtype, validate):
+    u = torch.library.get_ctx().new_dynamic_size()
+    return grad.new_empty(u, dtype=torch.long), grad.new_empty(u, grad.shape[-1], dtype=dtype)
+
+
+def _bias_add_setup(ctx, inputs, output):
+    hidden, input_ids, table, task_ids, plan, validate, sparse_grad = inputs
+    ctx.table_shape = list(table.shape)
+    ctx.table_dtype = table.dtype
+    ctx.sparse_grad = sparse_grad
+    if ctx.needs_input_grad[2]:
+        ctx.save_for_backward(input_ids, task_ids, plan)
+
+
+def _bias_add_backward(ctx, grad):
+    grad_hidden = grad if ctx.needs_input_grad[0] else None
+    grad_table = None
+    if ctx.needs_input_grad[2]:
+        input_ids, task_ids, plan = ctx.saved_tensors
+        shape = ctx.table_shape
+        if ctx.sparse_grad:
+            vocab, n_tasks = shape[-2], (shape[0] if len(shape) == 3 else 1)
+            rows, sums = _table_grad_rows_op(grad, input_ids, task_ids, plan, vocab, n_tasks, ctx.table_dtype, False)
+            index = rows[None] if len(shape) == 2 else torch.stack([rows // vocab, rows % vocab])
+            grad_table = torch.sparse_coo_tensor(index, sums, shape, check_invariants=False, is_coalesced=True)
+        else:
+            grad_table = _table_grad_op(grad, input_ids, task_ids, plan, shape, ctx.table_dtype)
+    return grad_hidden, None, grad_table, None, None, None, None
+
+
+_bias_add_op.register_autograd(_bias_add_backward, setup_context=_bias_add_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# functional API
+# ----------------------------------------------------------------------------------------------
+def aot_bias_add(hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Tensor | int | None = None, *,
+                 inplace: bool | None = False, sparse_grad: bool = False, validate: bool = True,
+                 plan: Tensor | None = None) -> Tensor:
+    """``hidden + table[task_ids[b], input_ids[b, s]]``, one fused pass.
+
+    hidden [..., S, d] (any float dtype); input_ids [..., S] (int32/int64); table [V, d] or
+    stacked [n_tasks, V, d] (any float dtype: the sum is taken in fp32, fp64 if an operand is
+    fp64, and rounded once to hidden's dtype); task_ids [B] = one task per sample (B =
+    hidden.shape[0]), or an int for the whole batch; required iff n_tasks > 1.
+
+    Gradients flow to hidden (identity) and to the table: by default a table-shaped gradient
+    (written row by row, zero-filled only where rows do not occur), with ``sparse_grad=True`` a
+    sparse COO gradient holding only the rows that occur (eager mode; for SparseAdam/SGD).
+
+    ``inplace``: False returns a new tensor; True writes into hidden (only when autograd does not
+    record this op); None = in place exactly when autograd does not need it.
+    ``validate`` checks the id and task id ranges first (a host sync); with ``validate=False``
+    out-of-range ids get no bias on the Triton path instead of an out-of-bounds read.
+    ``plan``: aot_segment_plan of these ids, to share the backward's sort across several calls
+    with the same ids (e.g. all layers of a model).
+    """
+    if isinstance(task_ids, int) and not isinstance(task_ids, bool):
+        check_tensor("table", table, ndim=3)
+        if not 0 <= task_ids < table.shape[0]:
+            raise IndexError(f"task_ids: task {task_ids} out of range for {table.shape[0]} stacked tasks")
+        table, task_ids = table[task_ids], None
+    K.check_gather_add_args(hidden, input_ids, table, task_ids, values=False)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad)
+    if inplace is None:
+        inplace = not needs_grad
+    if inplace:
+        if needs_grad:
+            raise ValueError("inplace: True, but autograd records this op (hidden or table requires grad); "
+                             "use inplace=False (or None to choose automatically)")
+        torch.ops.peftops.aot_bias_add_(hidden, input_ids, table, task_ids, validate)
+        return hidden
+    return _bias_add_op(hidden, input_ids, table, task_ids, plan, validate, sparse_grad)
+
+
+def aot_table_grad(grad_output: Tensor, input_ids: Tensor, vocab_size: int, task_ids: Tensor | None = None, *,
+                   n_tasks: int = 1, dtype: torch.dtype = torch.float32, plan: Tensor | None = None,
+                   validate: bool = True) -> tuple[Tensor, Tensor]:
+    """Table gradient of aot_bias_add as ``(rows [U] int64, grads [U, d])`` for an optimizer.
+
+    rows are the distinct rows of the flattened [n_tasks·V, d] table the tokens read (task·V + id),
+    ascending; grads[i] sums grad_output over those tokens in fp32 in a fixed order (bitwise
+    deterministic). No V×d tensor is allocated. ``validate=False`` skips the id range check (ids
+    already checked by the forward)."""
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+    return _table_grad_rows_op(grad_output, input_ids, task_ids, plan, vocab_size, n_tasks, dtype, validate)
+
+
+def aot_segment_plan(input_ids: Tensor, vocab_size: int, task_ids: Tensor | None = None) -> Tensor:
+    """Sort plan of the table rows ``input_ids`` read (one sort, one host sync), reusable by every
+    aot_bias_add / aot_table_grad call with the same ids and task ids."""
+    check_tensor("input_ids", input_ids, dtypes=INDEX_DTYPES)
+    return K.segment_plan(K.flat_table_rows(input_ids, task_ids, vocab_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------
+_REPARAMS = ("kron", "fc", "direct")
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "identity": lambda x: x}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_DEFAULT_RANK = {"kron": 16, "fc": 64, "direct": None}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclasses.dataclass
+class AoTConfig(AdapterConfig):
+    """AoT P-Tuning settings.
+
+    reparam: "kron" | "fc" | "direct". rank: kron r (default 16; W_R has r² rows) or fc width r
+    (default 64). kron_factors: [a, b] with a·b ≥ V (default ceil(sqrt V) each). activation: fc's
+    act (relu, gelu, tanh, silu, identity). sparse_grad: direct tables get sparse gradients.
+    inplace: serve in place when autograd is off (hidden_states requested with
+    output_hidden_states are then not touched either: in place is skipped for those calls).
+    target_modules: dotted name of the transformer-layer ModuleList (default: found automatically).
+    compiled / n_tasks / table_dtype: set by compile_aot_tables / set_aot_tables (the adapter then
+    holds [n_tasks, L, V, d] tables of table_dtype)."""
+
+    method: ClassVar[str] = "aot"
+    reparam: str = "kron"
+    rank: int | None = None
+    kron_factors: list[int] | None = None
+    activation: str = "relu"
+    sparse_grad: bool = False
+    inplace: bool = True
+    compiled: bool = False
+    n_tasks: int = 1
+    table_dtype: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reparam not in _REPARAMS:
+            raise ValueError(f"reparam: expected one of {_REPARAMS}, got {self.reparam!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank: expected a positive int or None, got {self.rank!r}")
+        if self.kron_factors is not None:
+            kf = list(self.kron_factors)
+            if len(kf) != 2 or not all(isinstance(x, int) and x >= 1 for x in kf):
+                raise ValueError(f"kron_factors: expected [a, b] with positive ints, got {self.kron_factors!r}")
+            self.kron_factors = kf
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+        if not isinstance(self.n_tasks, int) or self.n_tasks < 1:
+            raise ValueError(f"n_tasks: expected a positive int, got {self.n_tasks!r}")
+        if self.table_dtype is not None and self.table_dtype not in _DTYPES:
+            raise ValueError(f"table_dtype: expected one of {sorted(_DTYPES)} or None, got {self.table_dtype!r}")
+        if self.target_modules is not None and len(self.target_modules) != 1:
+            raise ValueError("target_modules: AoT takes one name, that of the layer ModuleList, "
+                             f"got {self.target_modules!r}")
+
+    @property
+    def resolved_rank(self) -> int | None:
+        return self.rank if self.rank is not None else _DEFAULT_RANK[self.reparam]
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+# ----------------------------------------------------------------------------------------------
+class _Runtime:
+    """Per-forward state shared by the hooks (plain object: never a parameter or submodule)."""
+
+    def __init__(self):
+        self.ids: Tensor | None = None
+        self.uniq: Tensor | None = None
+        self.inv: Tensor | None = None
+        self.plan: Tensor | None = None
+        self.features: Tensor | None = None
+        self.call_task_ids: Tensor | int | None = None
+        self.inplace_ok = True
+
+    def reset(self):
+        self.__init__()
+
+
+_NEEDS_IDS = ("AoT P-Tuning needs the input_ids of every forward (its bias is indexed by token id), but the "
+              "layers ran without a preceding embedding lookup of input_ids (an inputs_embeds-only call?). "
+              "Pass input_ids instead of inputs_embeds.")
+
+
+class AoTLayerBias(nn.Module):
+    """The bias unit of one transformer layer: ``forward(h, runtime) = h + P_l[ids]``.
+
+    Owns layer l's part of the reparameterisation (kron: W_R's columns l·d:(l+1)·d as ``right``
+    [r², d]; fc: W2's and b2's as ``out_weight`` [r, d], ``out_bias`` [d]; direct: ``table``
+    [V, d]); nothing once compiled (the tables belong to AoTBias). Its first argument and its
+    output are the representations entering and leaving the unit (SAFE's X and Y)."""
+
+    peftops_adapter = True
+
+    def __init__(self, owner: "AoTBias", index: int):
+        super().__init__()
+        self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
+        self.index = index
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def rows(self, features: Tensor | None, ids: Tensor) -> Tensor:
+        """This layer's bias rows [len(ids), d] for the given ids (features = owner.features(ids))."""
+        kind = self._owner[0].config.reparam
+        if kind == "kron":
+            return features @ self.right
+        if kind == "fc":
+            return torch.addmm(self.out_bias, features, self.out_weight)
+        return F.embedding(ids, self.table, sparse=self._owner[0].config.sparse_grad)
+
+    def forward(self, hidden: Tensor, runtime: _Runtime) -> Tensor:
+        owner = self._owner[0]
+        ids = runtime.ids
+        if ids is None:
+            raise ValueError(_NEEDS_IDS)
+        if tuple(ids.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"input_ids: the captured ids have shape {list(ids.shape)}, but layer {self.index} "
+                             f"received hidden states of shape {list(hidden.shape)}. " + _NEEDS_IDS)
+        inplace = None if runtime.inplace_ok else False
+        if owner.compiled:
+            table, task_ids = owner.layer_table(self.index, runtime, hidden)
+            return aot_bias_add(hidden, ids, table, task_ids, inplace=inplace, validate=False)
+        table = self.rows(runtime.features, runtime.uniq)
+        return aot_bias_add(hidden, runtime.inv, table, inplace=inplace, validate=False, plan=runtime.plan)
+
+
+class AoTBias(nn.Module):
+    """Everything AoT adds to one model (attached as ``model.peftops_aot``).
+
+    Training: the shared reparameterisation parameters (kron: ``kron_left`` [a, r], ``kron_mid``
+    [b, r]; fc: ``fc_weight`` [d_emb, r], ``fc_bias`` [r]) and ``layers`` (one AoTLayerBias per
+    transformer layer). Serving: the ``tables`` buffer [n_tasks, L, V, d]."""
+
+    def __init__(self, config: AoTConfig, n_layers: int, vocab_size: int, hidden_size: int,
+                 embedding: nn.Embedding, *, device=None, dtype=torch.float32):
+        super().__init__()
+        self.config = config
+        self.n_layers, self.vocab_size, self.hidden_size = n_layers, vocab_size, hidden_size
+        self._embedding = [embedding]
+        self._rt = _Runtime()
+        self._task_ids: Tensor | int | None = None
+        self.enabled = True
+        self.compiled = bool(config.compiled)
+        self.layers = nn.ModuleList(AoTLayerBias(self, i) for i in range(n_layers))
+        self.register_buffer("tables", None)
+        if not self.compiled:
+            self._build_reparam(device, dtype)
+
+    # -- reparameterisation ---------------------------------------------------------------------
+    def _build_reparam(self, device, dtype):
+        cfg, V, d = self.config, self.vocab_size, self.hidden_size
+        r = cfg.resolved_rank
+        kw = dict(device=device, dtype=dtype)
+        if cfg.reparam == "kron":
+            a, b = cfg.kron_factors or [math.isqrt(V - 1) + 1] * 2
+            if a * b < V:
+                raise ValueError(f"kron_factors: a·b = {a}·{b} = {a * b} must cover the vocabulary V = {V}")
+            self.kron_b = b
+            # W_R starts at zero (the model starts unchanged); W_L, W_M ~ N(0, 1/r) so kron rows have norm ~1
+            self.kron_left = nn.Parameter(torch.randn(a, r, **kw) * r ** -0.5)
+            self.kron_mid = nn.Parameter(torch.randn(b, r, **kw) * r ** -0.5)
+            for unit in self.layers:
+                unit.right = nn.Parameter(torch.zeros(r * r, d, **kw))
+        elif cfg.reparam == "fc":
+            emb = self._embedding[0].weight
+            d_emb = emb.shape[1]
+            bound = d_emb ** -0.5  # nn.Linear's default init for W1, b1; W2, b2 start at zero
+            self.fc_weight = nn.Parameter(torch.empty(d_emb, r, **kw).uniform_(-bound, bound))
+            self.fc_bias = nn.Parameter(torch.empty(r, **kw).uniform_(-bound, bound))
+            for unit in self.layers:
+                unit.out_weight = nn.Parameter(torch.zeros(r, d, **kw))
+                unit.out_bias = nn.Parameter(torch.zeros(d, **kw))
+        else:
+            for unit in self.layers:
+                unit.table = nn.Parameter(torch.zeros(V, d, **kw))
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters shared by all layers' units (kron's W_L, W_M; fc's W1, b1)."""
+        return list(self._parameters.values())
+
+    def features(self, ids: Tensor) -> Tensor | None:
+        """Shared per-id features: kron [n, r²] = kron(W_L[v // b], W_M[v % b]); fc [n, r]; direct None."""
+        kind = self.config.reparam
+        if kind == "kron":
+            left = self.kron_left[ids // self.kron_b]
+            mid = self.kron_mid[ids % self.kron_b]
+            return (left[:, :, None] * mid[:, None, :]).reshape(ids.numel(), -1)
+        if kind == "fc":
+            e = self._embedding[0].weight[ids].to(self.fc_weight.dtype)
+            return _ACTIVATIONS[self.config.activation](torch.addmm(self.fc_bias, e, self.fc_weight))
+        return None
+
+    def reparam_rows(self, ids: Tensor) -> Tensor:
+        """The reparameterised rows [n, L·d] (layer-major) of token ids [n]."""
+        self._require_reparam()
+        ids = ids.reshape(-1).long()
+        f = self.features(ids)
+        return torch.cat([unit.rows(f, ids) for unit in self.layers], dim=1)
+
+    @torch.no_grad()
+    def materialize(self, dtype: torch.dtype | None = None, chunk: int = 4096) -> Tensor:
+        """This task's full table [L, V, d] from the reparameterisation (V in chunks)."""
+        self._require_reparam()
+        dtype = dtype or self._embedding[0].weight.dtype
+        ref = next(self.parameters())
+        out = torch.empty(self.n_layers, self.vocab_size, self.hidden_size, dtype=dtype, device=ref.device)
+        for start in range(0, self.vocab_size, chunk):
+            ids = torch.arange(start, min(start + chunk, self.vocab_size), device=ref.device)
+            f = self.features(ids)
+            for unit in self.layers:
+                out[unit.index, start:start + ids.numel()] = unit.rows(f, ids).to(dtype)
+        return out
+
+    def _require_reparam(self):
+        if self.compiled:
+            raise ValueError("model: the AoT tables are compiled; the reparameterisation was dropped")
+
+    # -- compiled tables -------------------------------------------------------------------------
+    def set_tables(self, tables: Tensor) -> None:
+        """Serve from ``tables`` [L, V, d] or [n_tasks, L, V, d]; drops the reparameterisation."""
+        check_tensor("tables", tables, ndim=(3, 4), dtypes=tuple(_DTYPES.values()))
+        if tables.dim() == 3:
+            tables = tables.unsqueeze(0)
+        T, L, V, d = tables.shape
+        if L != self.n_layers:
+            raise ValueError(f"tables: {L} layers, the model has {self.n_layers} (shape {list(tables.shape)})")
+        if V != self.vocab_size:
+            raise ValueError(f"tables: vocabulary {V} does not match the model's {self.vocab_size} "
+                             f"(shape {list(tables.shape)})")
+        if d != self.hidden_size:
+            raise ValueError(f"tables: hidden size {d} does not match the model's {self.hidden_size} "
+                             f"(shape {list(tables.shape)})")
+        device = self._embedding[0].weight.device
+        self._drop_reparam()
+        self.tables = tables.to(device).contiguous()
+        self.compiled = True
+        self.config.compiled = True
+        self.config.n_tasks = T
+        self.config.table_dtype = _dtype_name(tables.dtype)
+
+    def _drop_reparam(self):
+        for name in list(self._parameters):
+            delattr(self, name)
+        for unit in self.layers:
+            for name in list(unit._parameters):
+                delattr(unit, name)
+
+    def check_task_ids(self, task_ids) -> Tensor | int | None:
+        """Validate task ids against the stacked tables (one host sync for a tensor)."""
+        if task_ids is None:
+            return None
+        if not self.compiled:
+            raise ValueError("task_ids: multi-task batches need compiled tables (compile_aot_tables / "
+                             "load_task_tables); a training-mode AoT model has one task")
+        n = self.config.n_tasks
+        if isinstance(task_ids, int) and not isinstance(task_ids, bool):
+            if not 0 <= task_ids < n:
+                raise IndexError(f"task_ids: task {task_ids} out of range for {n} stacked tasks")
+            return task_ids
+        if isinstance(task_ids, (list, tuple)):
+            task_ids = torch.tensor(task_ids)
+        check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
+        check_index_range("task_ids", task_ids, n, what=f"task ids (the tables stack {n} tasks)")
+        return task_ids.to(self._embedding[0].weight.device)
+
+    def layer_table(self, index: int, runtime: _Runtime, hidden: Tensor):
+        """(table, task_ids) arguments of layer ``index``'s gather-add in compiled mode."""
+        if self.tables is None:
+            raise ValueError("model: AoT is in compiled mode but no tables are loaded (load_adapter / set_aot_tables)")
+        task = runtime.call_task_ids if runtime.call_task_ids is not None else self._task_ids
+        if self.tables.shape[0] == 1:
+            return self.tables[0, index], None
+        if task is None:
+            raise ValueError(f"task_ids: the model serves {self.tables.shape[0]} stacked tasks; pass "
+                             "aot_task_ids=... to the forward call or use `with aot_tasks(model, task_ids):`")
+        if isinstance(task, int):
+            return self.tables[task, index], None
+        if task.numel() != hidden.shape[0]:
+            raise ValueError(f"task_ids: {task.numel()} task ids for a batch of {hidden.shape[0]} samples")
+        return self.tables[:, index], task
+
+    # -- per-forward capture ---------------------------------------------------------------------
+    def capture(self, ids: Tensor) -> None:
+        """Called with the ids the word embedding is about to embed: prepares this forward's bias."""
+        rt = self._rt
+        rt.ids = ids
+        if self.compiled:
+            return
+        uniq, inv, counts = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True, return_counts=True)
+        rt.uniq, rt.inv = uniq, inv.view(ids.shape)
+        rt.features = self.features(uniq)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # one sort plan for the backward of every layer (the rows of a per-batch table are 0..U-1)
+            perm = torch.argsort(inv, stable=True)
+            rt.plan = K.pack_plan(perm, torch.arange(uniq.numel(), device=ids.device), counts)
+        else:
+            rt.plan = None
+
+
+class _CallHook:
+    """Forward pre-hook (with kwargs) on the model apply() was given (``outer``) and on its base
+    model: rejects inputs_embeds-only calls and forgets the previous call's ids, so only a fresh
+    embedding lookup feeds the layers. The outer one also resets the per-call state and pops
+    ``aot_task_ids``."""
+
+    def __init__(self, owner: AoTBias, outer: bool):
+        self.owner, self.outer = owner, outer
+
+    def __call__(self, module, args, kwargs):
+        owner = self.owner
+        rt = owner._rt
+        if self.outer:
+            rt.reset()
+            task_ids = kwargs.pop("aot_task_ids", None)
+            if owner.enabled:
+                rt.call_task_ids = owner.check_task_ids(task_ids)
+                cfg = getattr(module, "config", None)
+                wants_hidden = kwargs.get("output_hidden_states")
+                if wants_hidden is None:
+                    wants_hidden = getattr(cfg, "output_hidden_states", False)
+                rt.inplace_ok = owner.config.inplace and not wants_hidden
+        if not owner.enabled:
+            return args, kwargs
+        rt.ids = None
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        if input_ids is None and kwargs.get("inputs_embeds") is not None:
+            raise ValueError(_NEEDS_IDS)
+        return args, kwargs
+
+
+class _EmbeddingHook:
+    def __init__(self, owner: AoTBias):
+        self.owner = owner
+
+    def __call__(self, module, args):
+        if self.owner.enabled and args and isinstance(args[0], Tensor):
+            self.owner.capture(args[0])
+
+
+class _LayerHook:
+    def __init__(self, owner: AoTBias, index: int):
+        self.owner, self.index = owner, index
+
+    def __call__(self, module, args, kwargs):
+        owner = self.owner
+        if not owner.enabled:
+            return None
+        unit = owner.layers[self.index]
+        if args:
+            return (unit(args[0], owner._rt),) + tuple(args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = unit(kwargs["hidden_states"], owner._rt)
+            return args, kwargs
+        raise ValueError(f"model: layer {self.index} was called without hidden states (positional or hidden_states=)")
+
+
+# ----------------------------------------------------------------------------------------------
+# model surgery
+# ----------------------------------------------------------------------------------------------
+ATTR = "peftops_aot"
+
+
+def _find_layer_list(model: nn.Module, config: AoTConfig) -> tuple[str, nn.ModuleList]:
+    if config.target_modules:
+        target = config.target_modules[0]
+        for name, mod in model.named_modules():
+            if (name == target or name.endswith("." + target)) and isinstance(mod, nn.ModuleList):
+                return name, mod
+        raise ValueError(f"target_modules: no nn.ModuleList named {target!r} in {type(model).__name__}")
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n) \
+                and all(type(m) is type(mod[0]) for m in mod):
+            return name, mod
+    raise ValueError(f"model: could not find the transformer layer list of {type(model).__name__} "
+                     "(an nn.ModuleList of config.num_hidden_layers layers); "
+                     "name it with target_modules=['model.layers']")
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        embs = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        emb = embs[0] if embs else None
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(f"model: AoT needs the word embedding (an nn.Embedding) of {type(model).__name__}, "
+                         f"found {type(emb).__name__}")
+    return emb
+
+
+def get_aot(model: nn.Module) -> AoTBias:
+    """The AoTBias attached to ``model`` by peftops.apply(model, AoTConfig(...))."""
+    owner = getattr(model, ATTR, None)
+    if not isinstance(owner, AoTBias):
+        raise ValueError(f"model: no AoT adapter applied to {type(model).__name__} "
+                         "(call peftops.apply(model, AoTConfig()))")
+    return owner
+
+
+def _aot_config(model: nn.Module) -> AoTConfig:
+    for c in applied_configs(model):
+        if c.method == "aot":
+            return c
+    return get_aot(model).config
+
+
+@register_method
+class AoTMethod(Method):
+    """AoT P-Tuning in the model-level API: adapter = the reparameterisation weights, or, once
+    compiled, the tables [n_tasks, L, V, d]; merge = compile (the bias is input dependent and
+    cannot fold into a weight), so unmerge is unavailable."""
+
+    name = "aot"
+    config_class = AoTConfig
+
+    def apply(self, model: nn.Module, config: AoTConfig) -> None:
+        if hasattr(model, ATTR):
+            raise ValueError(f"model: already has a {ATTR!r} attribute")
+        emb = _input_embedding(model)
+        _, layers = _find_layer_list(model, config)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None) or emb.embedding_dim
+        dtype = torch.float64 if emb.weight.dtype == torch.float64 else torch.float32
+        owner = AoTBias(config, len(layers), emb.num_embeddings, hidden, emb, device=emb.weight.device, dtype=dtype)
+        model.add_module(ATTR, owner)
+        handles = [model.register_forward_pre_hook(_CallHook(owner, outer=True), with_kwargs=True)]
+        base = getattr(model, "base_model", model)
+        if isinstance(base, nn.Module) and base is not model:
+            handles.append(base.register_forward_pre_hook(_CallHook(owner, outer=False), with_kwargs=True))
+        owner._handles = handles + [emb.register_forward_pre_hook(_EmbeddingHook(owner))] + [
+            layer.register_forward_pre_hook(_LayerHook(owner, i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+    def adapter_state_dict(self, model: nn.Module, config: AoTConfig) -> dict[str, Tensor]:
+        owner = get_aot(model)
+        if owner.compiled:
+            if owner.tables is None:
+                raise ValueError("model: AoT is in compiled mode but holds no tables")
+            return {"tables": owner.tables}
+        return dict(owner.named_parameters())
+
+    def load_adapter_state_dict(self, model: nn.Module, config: AoTConfig, state: dict[str, Tensor]) -> None:
+        owner = get_aot(model)
+        if config.compiled or "tables" in state:
+            if set(state) != {"tables"}:
+                raise ValueError(f"state: a compiled AoT adapter holds exactly 'tables', got {sorted(state)}")
+            tables = state["tables"]
+            if tables.dim() != 4:
+                raise ValueError(f"state: 'tables' has shape {list(tables.shape)}, expected [n_tasks, L, V, d]")
+            owner.set_tables(tables)
+            return
+        _load_reparam(owner, state)
+
+    def merge(self, model: nn.Module, config: AoTConfig) -> None:
+        owner = get_aot(model)
+        if not owner.compiled:
+            dtype = _DTYPES[config.table_dtype] if config.table_dtype else None
+            owner.set_tables(owner.materialize(dtype))
+
+    def unmerge(self, model: nn.Module, config: AoTConfig) -> None:
+        raise ValueError("model: AoT cannot be unmerged: merging compiled the input-dependent bias into tables "
+                         "and dropped the reparameterisation; reload the adapter to train again")
+
+
+def _load_reparam(owner: AoTBias, state: dict[str, Tensor]) -> None:
+    own = dict(owner.named_parameters())
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"state: AoT tensors do not match this model's {owner.config.reparam} reparameterisation "
+                         f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    for k, p in own.items():
+        v = state[k]
+        if tuple(v.shape) != tuple(p.shape):
+            raise ValueError(f"state: {k!r} has shape {list(v.shape)}, this model needs {list(p.shape)} "
+                             f"(vocabulary {owner.vocab_size}, hidden {owner.hidden_size}, {owner.n_layers} layers)")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state[k])
+
+
+# ----------------------------------------------------------------------------------------------
+# ahead-of-time compilation and multi-task serving
+# ----------------------------------------------------------------------------------------------
+def materialize_aot_tables(model: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
+    """The trained task's full table [L, V, d] (dtype default: the model's embedding dtype)."""
+    return get_aot(model).materialize(dtype)
+
+
+def compile_aot_tables(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Materialise the table [1, L, V, d], drop the reparameterisation, serve with the gather-add only.
+    Outputs are unchanged up to rounding the table to ``dtype``."""
+    owner = get_aot(model)
+    owner.set_tables(owner.materialize(dtype))
+    return model
+
+
+def stack_task_tables(tables: Sequence[Tensor]) -> Tensor:
+    """Stack per-task tables ([L, V, d] or [n, L, V, d] each) into [n_tasks, L, V, d]."""
+    if not tables:
+        raise ValueError("tables: expected at least one table")
+    parts = []
+    for i, t in enumerate(tables):
+        check_tensor(f"tables[{i}]", t, ndim=(3, 4))
+        parts.append(t if t.dim() == 4 else t.unsqueeze(0))
+    first = parts[0]
+    for i, t in enumerate(parts[1:], 1):
+        if t.shape[1:] != first.shape[1:]:
+            raise ValueError(f"tables[{i}]: shape [L, V, d] = {list(t.shape[1:])} differs from "
+                             f"tables[0]'s {list(first.shape[1:])}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"tables[{i}]: dtype {t.dtype} differs from tables[0]'s {first.dtype}")
+    return torch.cat(parts, 0)
+
+
+def set_aot_tables(model: nn.Module, tables: Tensor | Sequence[Tensor]) -> nn.Module:
+    """Serve ``model`` from these tables ([L, V, d], [n_tasks, L, V, d] or a list of per-task tables);
+    applies AoT in compiled mode first if the model has none."""
+    if not isinstance(tables, Tensor):
+        tables = stack_task_tables(tables)
+    if not hasattr(model, ATTR):
+        from .model import apply
+
+        n = tables.shape[0] if tables.dim() == 4 else 1
+        apply(model, AoTConfig(compiled=True, n_tasks=n, table_dtype=_dtype_name(tables.dtype)))
+    get_aot(model).set_tables(tables)
+    return model
+
+
+def load_task_tables(model: nn.Module, directories: Sequence[str], dtype: torch.dtype | None = None) -> nn.Module:
+    """Multi-task serving: load several saved AoT adapters (compiled or not) as stacked tables.
+
+    Task i of the result is directories[i] (a directory with n compiled tasks contributes n)."""
+    from .model import _read_adapter
+
+    emb = _input_embedding(model)
+    _, layers = _find_layer_list(model, AoTConfig())
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or emb.embedding_dim
+    parts = []
+    for directory in directories:
+        meta, state = _read_adapter(directory)
+        entries = [e for e in meta["adapters"] if e.get("method") == "aot"]
+        if not entries:
+            raise ValueError(f"directories: {directory!s} holds no AoT adapter")
+        cfg = AoTConfig.from_dict(entries[0])
+        sub = {k[len("aot::"):]: v for k, v in state.items() if k.startswith("aot::")}
+        param_dtype = torch.float64 if emb.weight.dtype == torch.float64 else torch.float32
+        tmp = AoTBias(dataclasses.replace(cfg), len(layers), emb.num_embeddings, hidden, emb,
+                      device=emb.weight.device, dtype=param_dtype)
+        if cfg.compiled:
+            if set(sub) != {"tables"}:
+                raise ValueError(f"directories: {directory!s}: a compiled AoT adapter holds exactly 'tables'")
+            tmp.set_tables(sub["tables"])
+            t = tmp.tables
+        else:
+            _load_reparam(tmp, sub)
+            t = tmp.materialize(dtype).unsqueeze(0)
+        parts.append(t.to(dtype or emb.weight.dtype))
+    return set_aot_tables(model, stack_task_tables(parts))
+
+
+@contextlib.contextmanager
+def aot_tasks(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[nn.Module]:
+    """Every forward in the block (generate() included) uses these task ids: one per sample, or one int."""
+    owner = get_aot(model)
+    previous = owner._task_ids
+    owner._task_ids = owner.check_task_ids(task_ids)
+    try:
+        yield model
+    finally:
+        owner._task_ids = previous
+
+
+@contextlib.contextmanager
+def aot_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the plain model: no AoT bias inside the block."""
+    owner = get_aot(model)
+    previous = owner.enabled
+    owner.enabled = False
+    try:
+        yield model
+    finally:
+        owner.enabled = previous
