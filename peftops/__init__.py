@@ -42,12 +42,16 @@ from .aot import (
     set_aot_tables,
     stack_task_tables,
 )
+from .kernels.cka import cka_form, linear_cka
+from .safe import SAFE, AdapterUnit, SAFEConfig, SavedTensorMeter, find_adapter_units, safe_threshold
+
+_LAZY = {"SIFTCalibrationCallback": "sift", "SAFECallback": "safe"}
 
 
 def __getattr__(name):
-    # built on first access: importing transformers.Trainer costs seconds
-    if name == "SIFTCalibrationCallback":
-        from . import sift
+    # the Trainer callbacks are built on first access: importing transformers' Trainer costs seconds
+    if name in _LAZY:
+        import importlib
 
-        return sift.SIFTCalibrationCallback
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'peftops' has no attribute {name!r}")

@@ -1,0 +1,784 @@
+"""SAFE: selective adapter freezing (DESIGN §4), for every peftops adapter and Hugging Face PEFT layers.
+
+Importance of adapter unit i is 1 - CKA(X_i, Y_i), the linear CKA (``peftops.linear_cka``) of the
+representation entering the unit and the one it produces, over the batch's non-padding tokens.
+Steps are counted like ``TrainerState.global_step``: step t is the (t+1)-th optimizer step.
+
+    steps 0 .. t_w-1     warm-up: importances are measured (every ``measure_interval`` steps and
+                         always at step t_w-1), nothing is frozen
+    step t >= t_w        before the step runs, every unit whose compared score < T(t) is frozen:
+                         T(t) = T_f * (1 - (1 - p)^3),  p = clip((t - t_w) / (t_f - t_w), 0, 1)
+    compared score       "last" warm-up score (default) | "mean" of the warm-up scores |
+                         "current": latest score; measurement then goes on every
+                         ``measure_interval`` steps until t_f for the units still training
+Frozen stays frozen; units without a score (never measured, NaN) are never frozen.
+
+What a unit is (found by walking ``model.named_modules()``, outermost match only):
+  - a peftops adapter module (class attribute ``peftops_adapter = True``): parameters =
+    ``adapter_parameters()``, X = the first tensor argument of its forward, Y = its output;
+  - a Hugging Face PEFT tuner layer (``peft.tuners.tuners_utils.BaseTunerLayer``: LoRA Linear /
+    Embedding / Conv ...): parameters = the active adapters' entries of ``adapter_layer_names``
+    (lora_A, lora_B, ...), X = the wrapped layer's input, Y = its output. Units whose input is not
+    a float tensor (LoRA on an embedding: X are token ids) get no score and are never frozen.
+Shared parameters (e.g. WeGeFT generators shared across layers) stop training only once every
+unit owning them is frozen.
+
+Freezing is real: ``requires_grad`` goes False, ``.grad`` is dropped and the optimizer state of the
+parameter is released (optimizers passed to SAFE or to ``release``). With the base model frozen,
+once every unit below a layer is frozen nothing below that layer requires grad, so autograd
+records no graph there and keeps no activation (measure it with ``SavedTensorMeter``). Exception:
+``model.enable_input_require_grads()`` (used for reentrant gradient checkpointing) makes the
+embedding output require grad, which keeps activations all the way down.
+
+Cost: hooks exist only during measuring steps (zero cost otherwise). A measuring forward runs,
+per unit, a gather of at most ``max_tokens`` random valid tokens of X and Y and three CKA kernel
+launches, all asynchronous; the scores reach the host with one sync when the step ends. Modules in
+eval mode are not measured, nor activation-checkpoint recomputations (they run inside backward).
+Micro-batches of one optimizer step (gradient accumulation) are averaged.
+
+    safe = peftops.SAFE(model, peftops.SAFEConfig(warmup_steps=100, ramp_end_step=600,
+                                                  final_threshold=0.3), optimizer=opt)
+    for t, batch in enumerate(loader):            # plain loop
+        model(**batch).loss.backward(); opt.step(); opt.zero_grad()
+        safe.step(t + 1)                           # = optimizer steps done so far
+    trainer = Trainer(..., callbacks=[peftops.SAFECallback(config)])   # or with transformers
+    print(safe.report())
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import numbers
+import sys
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .kernels.cka import linear_cka
+
+__all__ = [
+    "SAFEConfig", "SAFE", "AdapterUnit", "find_adapter_units", "safe_threshold", "SavedTensorMeter",
+    "SCORE_MODES",
+]  # plus SAFECallback, built on first access (importing transformers' trainer stack takes seconds)
+
+SCORE_MODES = ("last", "mean", "current")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and schedule
+# ----------------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass
+class SAFEConfig:
+    """SAFE's schedule. ``warmup_steps`` t_w >= 1, ``ramp_end_step`` t_f > t_w,
+    ``final_threshold`` T_f in [0, 1], ``score_mode`` in SCORE_MODES, ``measure_interval`` >= 1
+    (warm-up step t measures when t % interval == 0, and step t_w - 1 always does; the default 10
+    keeps the measuring cost of a warm-up near 1-3% of its time even on small models, where one
+    measuring step costs 10-30% extra), ``max_tokens`` (random valid tokens per measurement;
+    None = all; >= 2; 1024 keeps most adapters in the cheap T x T form), ``seed`` of that
+    sampling."""
+
+    warmup_steps: int
+    ramp_end_step: int
+    final_threshold: float
+    score_mode: str = "last"
+    measure_interval: int = 10
+    max_tokens: int | None = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps: expected an integer >= 1 (t_w), got {self.warmup_steps!r}")
+        if not _is_int(self.ramp_end_step) or self.ramp_end_step <= self.warmup_steps:
+            raise ValueError(f"ramp_end_step: expected an integer > warmup_steps={self.warmup_steps} "
+                             f"(t_f > t_w), got {self.ramp_end_step!r}")
+        ft = self.final_threshold
+        if isinstance(ft, bool) or not isinstance(ft, numbers.Real) or not (0.0 <= float(ft) <= 1.0):
+            raise ValueError(f"final_threshold: expected a number in [0, 1] (importance = 1 - CKA lies in "
+                             f"[0, 1]), got {ft!r}")
+        if self.score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode: expected one of {SCORE_MODES}, got {self.score_mode!r}")
+        if not _is_int(self.measure_interval) or self.measure_interval < 1:
+            raise ValueError(f"measure_interval: expected an integer >= 1, got {self.measure_interval!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 2):
+            raise ValueError(f"max_tokens: expected None or an integer >= 2 (CKA needs 2 tokens), "
+                             f"got {self.max_tokens!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed: expected an integer, got {self.seed!r}")
+
+    def threshold(self, step: int) -> float:
+        """T(t) = T_f (1 - (1 - p)^3), p = clip((t - t_w) / (t_f - t_w), 0, 1)."""
+        return safe_threshold(step, self.warmup_steps, self.ramp_end_step, self.final_threshold)
+
+    def measures(self, step: int) -> bool:
+        """Whether step ``step`` measures importances (for the units still training)."""
+        t_w, k = self.warmup_steps, self.measure_interval
+        if step < 0:
+            return False
+        if step < t_w:
+            return step % k == 0 or step == t_w - 1
+        if self.score_mode == "current" and step < self.ramp_end_step:
+            return (step - t_w) % k == 0
+        return False
+
+
+def safe_threshold(step: int, warmup_steps: int, ramp_end_step: int, final_threshold: float) -> float:
+    """The cubic freezing threshold T(t) = T_f (1 - (1 - p)^3), p = clip((t - t_w)/(t_f - t_w), 0, 1)."""
+    p = min(max((step - warmup_steps) / (ramp_end_step - warmup_steps), 0.0), 1.0)
+    return float(final_threshold) * (1.0 - (1.0 - p) ** 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter units
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class AdapterUnit:
+    """One freezable adapter: a module, the trainable parameters it owns, its score history."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    params: list[nn.Parameter]
+    history: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, importance)
+    frozen_at: int | None = None
+
+    @property
+    def frozen(self) -> bool:
+        return self.frozen_at is not None
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def _peft_tuner_layer_class():
+    if "peft" not in sys.modules:
+        try:
+            import peft  # noqa: F401
+        except Exception:
+            return None
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except Exception:
+        return None
+    return BaseTunerLayer
+
+
+def _peft_params(layer) -> list[nn.Parameter]:
+    out = []
+    for attr in getattr(layer, "adapter_layer_names", ()):
+        container = getattr(layer, attr, None)
+        if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
+            continue
+        for adapter in layer.active_adapters:
+            if adapter not in container:
+                continue
+            entry = container[adapter]
+            out.extend(entry.parameters() if isinstance(entry, nn.Module) else [entry])
+    return out
+
+
+def find_adapter_units(model: nn.Module) -> list[AdapterUnit]:
+    """Every peftops adapter module and PEFT tuner layer of ``model`` (outermost match, module
+    order) with its trainable parameters; units with none are left out."""
+    tuner_cls = _peft_tuner_layer_class()
+    units: list[AdapterUnit] = []
+    taken: list[str] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(t + ".") for t in taken):
+            continue
+        if getattr(type(mod), "peftops_adapter", False):
+            params, kind = list(mod.adapter_parameters()), type(mod).__name__
+        elif tuner_cls is not None and isinstance(mod, tuner_cls):
+            params = _peft_params(mod)
+            kind = f"{type(mod).__module__.split('.')[-2]}.{type(mod).__name__}"  # e.g. lora.Linear
+        else:
+            continue
+        taken.append(name)
+        seen, uniq = set(), []
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                uniq.append(p)
+        if uniq:
+            units.append(AdapterUnit(name or type(mod).__name__, mod, kind, uniq))
+    return units
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved-tensor accounting
+# ----------------------------------------------------------------------------------------------
+class SavedTensorMeter:
+    """Bytes autograd saves for backward inside the ``with`` block (unique storages).
+
+        with SavedTensorMeter(model) as m:
+            loss = model(**batch).loss
+        m.activation_bytes, m.parameter_bytes, m.total_bytes
+
+    ``parameter_bytes`` are saved tensors that share storage with a parameter or buffer of the
+    given modules (weights kept for the input gradient: no extra memory); ``activation_bytes``
+    is everything else, i.e. what the forward keeps alive for backward."""
+
+    def __init__(self, *modules: nn.Module):
+        self._modules = modules
+        self.activation_bytes = 0
+        self.parameter_bytes = 0
+        self.count = 0
+        self._seen: set = set()
+        self._param_ptrs: set = set()
+        self._ctx = None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.activation_bytes + self.parameter_bytes
+
+    def _pack(self, t: torch.Tensor):
+        self.count += 1
+        try:
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), t.device)
+            nbytes = storage.nbytes()
+        except Exception:  # tensors without a plain storage (sparse, nested ...)
+            key, nbytes = (id(t), t.device), t.numel() * t.element_size()
+        if key not in self._seen:
+            self._seen.add(key)
+            if key in self._param_ptrs:
+                self.parameter_bytes += nbytes
+            else:
+                self.activation_bytes += nbytes
+        return t
+
+    @staticmethod
+    def _unpack(t):
+        return t
+
+    def __enter__(self):
+        for m in self._modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                self._param_ptrs.add((t.untyped_storage().data_ptr(), t.device))
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        self._ctx = None
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The controller
+# ----------------------------------------------------------------------------------------------
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def _output_tensor(out) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return next((o for o in out if isinstance(o, torch.Tensor)), None)
+    if isinstance(out, dict):
+        return next((o for o in out.values() if isinstance(o, torch.Tensor)), None)
+    return None
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation-checkpoint recomputation)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
+
+
+class SAFE:
+    """Selective adapter freezing controller for ``model`` (see the module docstring).
+
+    ``optimizer``: optimizer(s) whose state is released when parameters freeze (more can be added
+    with ``release``). ``start_step``: the global step training (re)starts at. ``units``: the
+    adapter units to manage (default: ``find_adapter_units(model)``).
+
+    Plain loop: call ``safe.step(global_step)`` after each optimizer step, global_step = optimizer
+    steps done so far. Fine-grained: ``begin_step(t)`` before step t's forward (freezes by T(t),
+    arms the measuring hooks), ``end_step(t)`` after it (collects the scores, disarms).
+    """
+
+    def __init__(self, model: nn.Module, config: SAFEConfig, optimizer=None, *, start_step: int = 0,
+                 units: Sequence[AdapterUnit] | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, SAFEConfig):
+            raise TypeError(f"config: expected a peftops.SAFEConfig, got {type(config).__name__}")
+        config.validate()
+        if not _is_int(start_step) or start_step < 0:
+            raise ValueError(f"start_step: expected an integer >= 0, got {start_step!r}")
+        self.model = model
+        self.config = config
+        self.units: list[AdapterUnit] = list(units) if units is not None else find_adapter_units(model)
+        if not self.units:
+            raise ValueError("model: found no trainable adapter (no module with peftops_adapter = True and no "
+                             "PEFT tuner layer with trainable parameters); apply an adapter method first")
+        names = [u.name for u in self.units]
+        if len(set(names)) != len(names):
+            raise ValueError("units: adapter unit names must be unique")
+        self._by_name = {u.name: u for u in self.units}
+        self._owners: dict[int, list[AdapterUnit]] = {}
+        for u in self.units:
+            for p in u.params:
+                self._owners.setdefault(id(p), []).append(u)
+        self._optimizers: list = []
+        for opt in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]):
+            if opt is not None:
+                self._optimizers.append(opt)
+        self.log: list[dict[str, Any]] = []
+        self._handles: list = []
+        self._pending: dict[str, list[torch.Tensor]] = {}
+        self._x_stack: dict[str, list] = {}
+        self._batch_mask: torch.Tensor | None = None
+        self._batch_mask_flat: torch.Tensor | None = None
+        self._rows_cache: dict = {}
+        self._generators: dict = {}
+        self._failed: set[str] = set()
+        self._forward_arg_names = self._arg_names(model)
+        self._current: int | None = None
+        self._entry: dict[str, Any] | None = None
+        self._warned_all_frozen = False
+        self.begin_step(start_step)
+
+    # -- public views -----------------------------------------------------------------------------
+    @property
+    def unit_names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    @property
+    def frozen(self) -> list[str]:
+        return [u.name for u in self.units if u.frozen]
+
+    @property
+    def step_index(self) -> int | None:
+        """The step currently prepared (the next one to run)."""
+        return self._current
+
+    def scores(self) -> dict[str, float | None]:
+        """Each unit's compared score (by ``score_mode``) as of now; None if it has none."""
+        return {u.name: self._compared_score(u) for u in self.units}
+
+    def threshold(self, step: int | None = None) -> float:
+        return self.config.threshold(self._current if step is None else step)
+
+    # -- step protocol ----------------------------------------------------------------------------
+    def step(self, global_step: int | None = None) -> list[str]:
+        """After optimizer step ``global_step - 1`` (``global_step`` = optimizer steps done;
+        default: one more than the last call): collect that step's scores, then prepare step
+        ``global_step``. Returns the names frozen now."""
+        if global_step is None:
+            global_step = (self._current if self._current is not None else -1) + 1
+        if not _is_int(global_step) or global_step < 1:
+            raise ValueError(f"global_step: expected an integer >= 1 (optimizer steps done), got {global_step!r}")
+        self.end_step(global_step - 1)
+        return self.begin_step(global_step)
+
+    def begin_step(self, step: int) -> list[str]:
+        """Prepare step ``step``: freeze units whose score < T(step), arm hooks if it measures."""
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"step: expected an integer >= 0, got {step!r}")
+        if self._current == step and self._entry is not None:
+            return []
+        self._disarm()
+        self._current = step
+        thr = self.config.threshold(step)
+        newly = []
+        if step >= self.config.warmup_steps:
+            for u in self.units:
+                if u.frozen:
+                    continue
+                s = self._compared_score(u)
+                if s is not None and s < thr:
+                    newly.append(u)
+        self._freeze_units(newly, step)
+        self._reassert_frozen()
+        measuring = self.config.measures(step) and any(not u.frozen for u in self.units)
+        self._entry = {
+            "step": step, "threshold": thr, "measuring": measuring, "newly_frozen": [u.name for u in newly],
+            "n_frozen": sum(u.frozen for u in self.units), "n_units": len(self.units),
+            "trainable_adapter_params": sum(p.numel() for p in self._unique_params() if p.requires_grad),
+        }
+        self.log.append(self._entry)
+        if measuring:
+            self._arm()
+        return [u.name for u in newly]
+
+    def end_step(self, step: int | None = None) -> dict[str, float]:
+        """Finish step ``step`` (default: the prepared one): disarm the hooks and record the mean
+        importance of each unit measured during it (one host sync). Returns those scores."""
+        step = self._current if step is None else step
+        self._disarm()
+        scores = self._collect()
+        if scores:
+            self.record_scores(step, scores)
+        return scores
+
+    def record_scores(self, step: int, scores: dict[str, float]) -> None:
+        """Record importances measured at ``step`` (what the hooks do; also for external scores)."""
+        for name, s in scores.items():
+            if name not in self._by_name:
+                raise KeyError(f"scores: unknown adapter unit {name!r}")
+            self._by_name[name].history.append((int(step), float(s)))
+        entry = next((e for e in reversed(self.log) if e["step"] == step), None)
+        if entry is not None:
+            entry.setdefault("scores", {}).update({k: float(v) for k, v in scores.items()})
+
+    # -- manual control ---------------------------------------------------------------------------
+    def freeze(self, names: Iterable[str] | Callable[[str], bool], step: int | None = None) -> list[str]:
+        """Freeze units by name (or by a predicate on the name) now, outside the schedule."""
+        if callable(names):
+            chosen = [u for u in self.units if names(u.name)]
+        else:
+            names = [names] if isinstance(names, str) else list(names)
+            unknown = [n for n in names if n not in self._by_name]
+            if unknown:
+                raise KeyError(f"names: unknown adapter units {unknown[:5]}; known e.g. {self.unit_names[:3]}")
+            chosen = [self._by_name[n] for n in names]
+        chosen = [u for u in chosen if not u.frozen]
+        self._freeze_units(chosen, self._current if step is None else step)
+        if self._entry is not None:
+            self._entry["newly_frozen"] = self._entry["newly_frozen"] + [u.name for u in chosen]
+            self._entry["n_frozen"] = sum(u.frozen for u in self.units)
+        return [u.name for u in chosen]
+
+    def release(self, optimizer) -> None:
+        """Track ``optimizer`` too and drop its state for every parameter frozen so far."""
+        if optimizer not in self._optimizers:
+            self._optimizers.append(optimizer)
+        for p in self._unique_params():
+            if not p.requires_grad:
+                self._drop_state(optimizer, p)
+
+    def remove(self) -> None:
+        """Remove every hook SAFE registered (frozen parameters stay frozen)."""
+        self._disarm()
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self._current, "history": {u.name: list(u.history) for u in self.units},
+                "frozen": {u.name: u.frozen_at for u in self.units if u.frozen}, "log": list(self.log)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore histories and frozen units (freezing them again) from ``state_dict()``."""
+        for name in list(state.get("history", {})) + list(state.get("frozen", {})):
+            if name not in self._by_name:
+                raise KeyError(f"state: unknown adapter unit {name!r}")
+        for name, hist in state.get("history", {}).items():
+            self._by_name[name].history = [(int(t), float(s)) for t, s in hist]
+        by_step: dict[int, list[AdapterUnit]] = {}
+        for name, t in state.get("frozen", {}).items():
+            if not self._by_name[name].frozen:
+                by_step.setdefault(int(t), []).append(self._by_name[name])
+        for t, us in sorted(by_step.items()):
+            self._freeze_units(us, t)
+        self.log = list(state.get("log", [])) + [e for e in self.log if e not in state.get("log", [])]
+
+    # -- report -----------------------------------------------------------------------------------
+    def report(self) -> str:
+        """A readable table: one row per unit (type, parameters, scores, when frozen), then the
+        steps at which units were frozen."""
+        c = self.config
+        total = sum(p.numel() for p in self._unique_params())
+        frozen_params = sum(p.numel() for p in self._unique_params() if not p.requires_grad)
+        n_frozen = sum(u.frozen for u in self.units)
+        lines = [
+            f"SAFE: warm-up steps 0..{c.warmup_steps - 1}, threshold ramps to {c.final_threshold:g} at step "
+            f"{c.ramp_end_step}; score = {c.score_mode}; measured every {c.measure_interval} step(s) on <= "
+            f"{c.max_tokens if c.max_tokens else 'all'} tokens",
+            f"step {self._current}: threshold {self.threshold():.4f}; {n_frozen}/{len(self.units)} units frozen, "
+            f"{frozen_params:,}/{total:,} adapter parameters frozen ({100.0 * frozen_params / max(total, 1):.1f}%)",
+            "",
+        ]
+        head = ["unit", "type", "params", "score", "last", "warm-up mean", "measured", "frozen at"]
+        rows = [head]
+        for u in self.units:
+            warm = [s for t, s in u.history if t < c.warmup_steps and s == s]
+            used = self._compared_score(u)
+            rows.append([
+                u.name, u.kind, f"{u.numel:,}", "-" if used is None else f"{used:.4f}",
+                f"{u.history[-1][1]:.4f}" if u.history else "-",
+                f"{sum(warm) / len(warm):.4f}" if warm else "-", str(len(u.history)),
+                "-" if u.frozen_at is None else f"step {u.frozen_at}",
+            ])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(v.ljust(w) if j < 2 else v.rjust(w) for j, (v, w) in enumerate(zip(r, widths))))
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        events = [e for e in self.log if e.get("newly_frozen")]
+        if events:
+            lines += ["", "freezing decisions:"]
+            for e in events:
+                lines.append(f"  step {e['step']} (threshold {e['threshold']:.4f}): froze {len(e['newly_frozen'])}: "
+                             + ", ".join(e["newly_frozen"]))
+        return "\n".join(lines)
+
+    # -- internals: scores and freezing -----------------------------------------------------------
+    def _compared_score(self, u: AdapterUnit) -> float | None:
+        mode, t_w = self.config.score_mode, self.config.warmup_steps
+        hist = [(t, s) for t, s in u.history if s == s]  # NaN: undefined measurement
+        if mode != "current":
+            hist = [(t, s) for t, s in hist if t < t_w]
+        if not hist:
+            return None
+        if mode == "mean":
+            return sum(s for _, s in hist) / len(hist)
+        return hist[-1][1]
+
+    def _unique_params(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for u in self.units:
+            for p in u.params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    @staticmethod
+    def _drop_state(optimizer, p) -> None:
+        state = getattr(optimizer, "state", None)
+        if state is not None and p in state:
+            del state[p]
+
+    def _freeze_units(self, units: list[AdapterUnit], step) -> None:
+        for u in units:
+            u.frozen_at = step
+        for u in units:
+            for p in u.params:
+                if all(o.frozen for o in self._owners[id(p)]) and p.requires_grad:
+                    p.requires_grad_(False)
+                    p.grad = None
+                    for opt in self._optimizers:
+                        self._drop_state(opt, p)
+        if units and all(u.frozen for u in self.units) and not self._warned_all_frozen:
+            self._warned_all_frozen = True
+            warnings.warn("SAFE: every adapter unit is frozen; unless other parameters train, the loss no longer "
+                          "requires grad (lower final_threshold to keep some adapters training)", stacklevel=3)
+
+    def _reassert_frozen(self) -> None:
+        # PEFT's set_adapter / enable_adapters turn requires_grad back on: frozen stays frozen.
+        for u in self.units:
+            if u.frozen:
+                for p in u.params:
+                    if p.requires_grad and all(o.frozen for o in self._owners[id(p)]):
+                        p.requires_grad_(False)
+                        p.grad = None
+
+    # -- internals: measurement hooks -------------------------------------------------------------
+    @staticmethod
+    def _arg_names(model) -> list[str]:
+        try:
+            return list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            return []
+
+    def _arm(self) -> None:
+        self._batch_mask, self._rows_cache = None, {}
+        self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+        for u in self.units:
+            if u.frozen or u.name in self._failed:
+                continue
+            self._handles.append(u.module.register_forward_pre_hook(self._make_pre(u), with_kwargs=True))
+            self._handles.append(u.module.register_forward_hook(self._make_post(u), with_kwargs=True))
+
+    def _disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._x_stack = {}
+        self._batch_mask, self._rows_cache = None, {}
+
+    def _capture_mask(self, module, args, kwargs):
+        self._batch_mask, self._rows_cache = None, {}
+        am = kwargs.get("attention_mask")
+        if am is None and "attention_mask" in self._forward_arg_names:
+            i = self._forward_arg_names.index("attention_mask")
+            am = args[i] if i < len(args) else None
+        if isinstance(am, torch.Tensor) and am.dim() == 2:
+            # bool once per forward (not per unit); one object, so it also keys the row cache
+            self._batch_mask = am.detach() if am.dtype == torch.bool else am.detach() != 0
+            self._batch_mask_flat = self._batch_mask.reshape(-1)
+
+    def _mask_for(self, lead: tuple) -> torch.Tensor | None:
+        m = self._batch_mask
+        if m is None:
+            return None
+        if tuple(m.shape) == tuple(lead) or (len(lead) == 1 and m.numel() == lead[0]):
+            return self._batch_mask_flat
+        return None  # e.g. unpadded (varlen) token layouts: every row is a real token
+
+    def _rows(self, T: int, mask: torch.Tensor | None, device: torch.device):
+        """(row index or None, mask of those rows or None) for a [T, d] representation: at most
+        max_tokens random valid rows, drawn once per forward and shared by every unit. No host
+        sync: padding rows get keys above every valid one, so top-k keeps valid rows first."""
+        key = (T, device, None if mask is None else id(mask))
+        hit = self._rows_cache.get(key)
+        if hit is not None:
+            return hit
+        k = self.config.max_tokens
+        if k is None or T <= k:
+            out = (None, mask)
+        else:
+            gen = self._generators.get(device)
+            if gen is None:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(self.config.seed)
+                self._generators[device] = gen
+            keys = torch.rand(T, generator=gen, device=device)
+            if mask is not None:
+                keys = keys.masked_fill(~mask, 2.0)
+            idx = keys.topk(k, largest=False, sorted=False).indices
+            out = (idx, None if mask is None else mask[idx])
+        self._rows_cache[key] = out
+        return out
+
+    @staticmethod
+    def _measuring(module) -> bool:
+        # Not under grad-mode checks: reentrant activation checkpointing runs the real forward
+        # under no_grad. Its recomputation (inside backward) is skipped: it would measure twice.
+        return module.training and not _in_backward()
+
+    def _make_pre(self, unit: AdapterUnit):
+        name = unit.name
+
+        def pre_hook(module, args, kwargs):
+            snap = None
+            x = _first_tensor(args, kwargs) if self._measuring(module) else None
+            if x is not None and x.is_floating_point() and x.dim() >= 2 and math.prod(x.shape[:-1]) >= 2:
+                lead = tuple(x.shape[:-1])
+                T = math.prod(lead)
+                mask = self._mask_for(lead)
+                if mask is not None and mask.device != x.device:
+                    mask = None
+                idx, m = self._rows(T, mask, x.device)
+                x2 = x.detach().reshape(T, x.shape[-1])
+                # a copy: the module may update its input in place (e.g. AoT's bias add)
+                snap = (x2[idx] if idx is not None else x2.clone(), idx, m, lead)
+            self._x_stack.setdefault(name, []).append(snap)
+
+        return pre_hook
+
+    def _make_post(self, unit: AdapterUnit):
+        name = unit.name
+
+        def post_hook(module, args, kwargs, output):
+            stack = self._x_stack.get(name)
+            snap = stack.pop() if stack else None
+            if snap is None:
+                return
+            x2, idx, m, lead = snap
+            y = _output_tensor(output)
+            if y is None or not y.is_floating_point() or tuple(y.shape[:-1]) != lead:
+                return
+            y2 = y.detach().reshape(-1, y.shape[-1])
+            if idx is not None:
+                y2 = y2[idx]
+            if x2.dtype != y2.dtype:  # autocast: measure both in the narrower dtype (a measurement)
+                narrow = x2.dtype if x2.element_size() < y2.element_size() else y2.dtype
+                x2, y2 = x2.to(narrow), y2.to(narrow)
+            try:
+                cka = linear_cka(x2, y2, m)  # 0-dim, stays on the device until the step ends
+            except Exception as e:  # never break training over a measurement
+                self._failed.add(name)
+                warnings.warn(f"SAFE: cannot measure {name} ({type(e).__name__}: {e}); it will not be scored",
+                              stacklevel=2)
+                return
+            self._pending.setdefault(name, []).append(cka)
+
+        return post_hook
+
+    def _collect(self) -> dict[str, float]:
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return {}
+        flat = [(name, t) for name, ts in pending.items() for t in ts]
+        by_device: dict = {}
+        for i, (_, t) in enumerate(flat):
+            by_device.setdefault(t.device, []).append(i)
+        values = [0.0] * len(flat)
+        for idxs in by_device.values():  # one sync per device
+            for i, v in zip(idxs, torch.stack([flat[i][1].float() for i in idxs]).tolist()):
+                values[i] = v
+        sums: dict[str, list[float]] = {}
+        for (name, _), cka in zip(flat, values):  # importance = 1 - CKA, clipped to [0, 1] (rounding)
+            sums.setdefault(name, []).append(min(max(1.0 - cka, 0.0), 1.0) if cka == cka else float("nan"))
+        out = {}
+        for name, vs in sums.items():
+            good = [v for v in vs if v == v]
+            out[name] = sum(good) / len(good) if good else float("nan")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers integration
+# ----------------------------------------------------------------------------------------------
+def _make_callback_class():
+    from transformers import TrainerCallback
+
+    class SAFECallback(TrainerCallback):
+        """Runs SAFE inside ``transformers.Trainer``: ``SAFECallback(SAFEConfig(...))`` builds the
+        controller at train begin from the Trainer's model and optimizer (state released there);
+        ``SAFECallback(safe)`` uses an existing one. Step t measures/freezes between
+        ``on_step_begin`` and ``on_step_end`` (evaluation in between steps is never measured).
+        ``callback.safe.report()`` after training; ``callback.safe.log`` has every step."""
+
+        def __init__(self, config_or_safe: SAFEConfig | SAFE, *, verbose: bool = False):
+            if isinstance(config_or_safe, SAFE):
+                self.safe, self.config = config_or_safe, config_or_safe.config
+            elif isinstance(config_or_safe, SAFEConfig):
+                self.safe, self.config = None, config_or_safe
+            else:
+                raise TypeError(f"config_or_safe: expected a SAFEConfig or a SAFE, got {type(config_or_safe).__name__}")
+            self.verbose = verbose
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if self.safe is None:
+                if model is None:
+                    raise ValueError("model: the Trainer passed no model to SAFECallback.on_train_begin")
+                self.safe = SAFE(model, self.config, optimizer=optimizer, start_step=state.global_step)
+            else:
+                if optimizer is not None:
+                    self.safe.release(optimizer)
+                self.safe.begin_step(state.global_step)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            newly = self.safe.begin_step(state.global_step)
+            if newly and self.verbose:
+                print(f"SAFE step {state.global_step}: froze {len(newly)} adapter unit(s): {', '.join(newly)}")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.safe.end_step(state.global_step - 1)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.safe is not None:
+                self.safe.remove()
+
+    SAFECallback.__module__ = __name__
+    SAFECallback.__qualname__ = "SAFECallback"
+    return SAFECallback
+
+
+def __getattr__(name: str):
+    if name == "SAFECallback":
+        cls = _make_callback_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
