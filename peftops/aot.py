@@ -292,7 +292,9 @@ class AoTLayerBias(nn.Module):
         self.index = index
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return list(self.parameters())
+        """This layer's own part plus the factors shared by all layers (kron's W_L, W_M; fc's W1, b1):
+        SAFE freezes a shared factor only when every layer owning it is frozen."""
+        return list(self.parameters()) + self._owner[0].shared_parameters()
 
     def rows(self, features: Tensor | None, ids: Tensor) -> Tensor:
         """This layer's bias rows [len(ids), d] for the given ids (features = owner.features(ids))."""

@@ -362,13 +362,18 @@ def test_merge_compiles_and_unmerge_raises():
 
 
 def test_safe_protocol_units():
-    expected = {"kron": ["right"], "fc": ["out_weight", "out_bias"], "direct": ["table"]}
-    for reparam, names in expected.items():
+    # each unit owns its layer's part, plus the factors shared by every layer (SAFE freezes those
+    # only with their last owner, so a fully frozen AoT adapter trains nothing)
+    expected = {"kron": (["right"], ["kron_left", "kron_mid"]), "fc": (["out_weight", "out_bias"], ["fc_weight", "fc_bias"]),
+                "direct": (["table"], [])}
+    for reparam, (names, shared) in expected.items():
         model = peftops.apply(llama(), AoTConfig(reparam=reparam, rank=4))
         units = [m for m in model.modules() if getattr(m, "peftops_adapter", False)]
         assert len(units) == 3
+        owner = model.peftops_aot
         for u in units:
-            assert [p for p in u.adapter_parameters()] == [getattr(u, n) for n in names]
+            want = [getattr(u, n) for n in names] + [getattr(owner, n) for n in shared]
+            assert [id(p) for p in u.adapter_parameters()] == [id(p) for p in want]
             assert all(p.requires_grad for p in u.adapter_parameters())
         # the unit's first argument and its output are the representations entering and leaving it
         seen = []
