@@ -42,6 +42,7 @@ from .aot import (
     set_aot_tables,
     stack_task_tables,
 )
+from .wegeft import WeGeFTConfig, WeGeFTLinear, WeGeFTMethod, wegeft_linear
 from .kernels.cka import cka_form, linear_cka
 from .safe import SAFE, AdapterUnit, SAFEConfig, SavedTensorMeter, find_adapter_units, safe_threshold
 

@@ -1,0 +1,815 @@
+"""WeGeFT kernels: weight-generative fine-tuning of a frozen linear layer (DESIGN §3).
+
+For a frozen W [d_out, d_in], bias b [d_out], generators Φ, Ψ [r, d_in] and scale s = α / r:
+
+    B  = s · W Φᵀ                      [d_out, r]   (the generated "LoRA B")
+    W' = W + B Ψ = W + s (W Φᵀ) Ψ       [d_out, d_in]
+    y  = x W'ᵀ + b = x Wᵀ + b + u Bᵀ,   u = x Ψᵀ  [T, r]
+
+and with G = dy, v = G B [T, r], ū = uᵀ G [r, d_out]:
+
+    dx = G W' = G W + v Ψ,   dΨ = vᵀ x,   dΦ = s · ū W,   db = Σ_t G[t].
+
+Dropout (the authors' semantics): the generated branch sees a dropped-out copy of W, i.e. B = s/(1-p) ·
+(W ∘ M) Φᵀ with a fresh Bernoulli(1-p) keep-mask M over the d_out × d_in entries per call; the frozen
+x Wᵀ term never sees dropout, and dΦ = s/(1-p) · ū (W ∘ M). M is a counter-based hash of
+(seed, flat index) so the backward regenerates it instead of storing it, and the PyTorch reference
+computes the same mask bit for bit.
+
+Two execution paths, chosen by the token count T (``choose_path``):
+
+- ``merged`` (large T): one kernel builds W' (and, in the backward, B) in a single sweep over W's
+  rows; the dense product is a cuBLAS GEMM against the N-concatenated operand: forward
+  x · [W' ; Ψ]ᵀ = [y | u], backward G · [W' | B] = [dx | v]. The low-rank side products ride along
+  as r extra output columns (+r/d FLOPs, no extra pass over x or G). y and dx are therefore column
+  slices of a [T, d + r (padded to 8)] buffer: row stride d + r, last stride 1 (views splitting or
+  merging the leading dims work; ``.view(-1)`` does not).
+- ``fused`` (small T): a Triton GEMM over the K-concatenation [x | u] · [W | B]ᵀ (forward) and
+  [G | v] · [W ; Ψ] (backward), so W' is never materialised; u and v come from thin Triton GEMMs.
+
+The reductions over tokens (ū with db fused, dΨ) and the r × d_in product dΦ are split-K Triton
+kernels with a deterministic fp32 reduction of the splits. Every kernel accumulates in fp32 (fp64 for
+fp64 inputs, used by CPU gradcheck under the interpreter).
+
+Layout: @triton.jit kernels, launchers, PyTorch references, public dispatching functions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._dispatch import HAS_TRITON, CompileSpec, autotune, interpreting, next_pow2, use_triton
+
+__all__ = [
+    "wegeft_forward", "wegeft_backward", "wegeft_merge", "generate_b", "choose_path", "dropout_keep_mask",
+    "wegeft_forward_reference", "wegeft_backward_reference", "wegeft_merge_reference", "generate_b_reference",
+    "PATHS", "MAX_TRITON_RANK", "SM90_COMPILE_SPECS",
+]
+
+PATHS = ("auto", "fused", "merged")
+MAX_TRITON_RANK = 256  # larger r runs the composite PyTorch path (register tiles are [*, next_pow2(r)])
+_ALIGN = 8             # pad concatenated row lengths to 16 bytes (bf16) so cuBLAS keeps aligned fast paths
+_MASK32 = 0xFFFFFFFF
+_HASH_C1 = 0x7FEB352D  # both < 2^31: products with 32-bit values stay below 2^63 in the int64 reference
+_HASH_C2 = 0x1B873593
+
+# Tests flip this to fill every fresh kernel output with NaN, so an unwritten element shows up.
+_POISON_OUTPUTS = False
+
+
+def _new(shape, dtype, device):
+    if _POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+# ==============================================================================================
+# Triton kernels
+# ==============================================================================================
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _hash32(h):
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x1B873593
+        h = h ^ (h >> 16)
+        return h
+
+    @triton.jit
+    def _keep(rows, cols, n_cols, seed, thresh):
+        """Dropout keep bit of W[rows, cols] (broadcast [R, 1] x [1, C]); same bits as dropout_keep_mask."""
+        # tl.cast, not .to: an int argument equal to 1 arrives as a constexpr
+        idx = rows.to(tl.uint32) * tl.cast(n_cols, tl.uint32) + cols.to(tl.uint32)  # flat index mod 2^32
+        s = tl.cast(seed, tl.uint32)
+        h = _hash32(idx ^ _hash32(s))
+        h = _hash32(h + s)
+        return (h >> 8).to(tl.int32) >= thresh
+
+    # INTERP_BF16 (set only under TRITON_INTERPRET=1 with bf16 data): triton 3.9's interpreter computes
+    # bf16 tl.dot on the raw uint16 bits and truncates fp32 -> bf16 casts, so there the dot runs on
+    # exactly-upcast fp32 operands (the tensor-core numerics: exact products, fp32 sums) and downcasts
+    # round to nearest even by bit arithmetic (what .to(tl.bfloat16) does on the GPU).
+    @triton.jit
+    def _cvt(x, dst: tl.constexpr, INTERP_BF16: tl.constexpr):
+        if INTERP_BF16 and dst == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(dst)
+
+    @triton.jit
+    def _mma(a, b, acc, IS_FP64: tl.constexpr, INTERP_BF16: tl.constexpr):
+        """acc + a @ b with fp32 (fp64) accumulation."""
+        if INTERP_BF16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IS_FP64:
+            return tl.dot(a, b, acc)
+        elif a.dtype == tl.float32:  # fp32 models get fp32 products, as torch's default matmul does
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _generate_kernel(
+        W, PHI, PSI, B_OUT, W_OUT,
+        d_out, d_in, r,
+        stride_w0, stride_w1, stride_phi0, stride_phi1, stride_psi0, stride_psi1,
+        stride_b0, stride_b1, stride_o0, stride_o1,
+        scaling, seed, thresh,
+        BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
+        STORE_B: tl.constexpr, MERGE: tl.constexpr, DROPOUT: tl.constexpr, IS_FP64: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
+    ):
+        """One block of BM rows of W: B = scaling · (W∘M) Φᵀ (pass 1, over d_in), then optionally
+        W_OUT = W + B Ψ (pass 2, over d_in; W_OUT may be W itself: a program only rewrites its own
+        rows, after it has finished reading them in pass 1)."""
+        pid = tl.program_id(0)
+        rows = pid * BM + tl.arange(0, BM)
+        rmask = rows < d_out
+        rows64 = rows.to(tl.int64)
+        rr = tl.arange(0, RP)
+        rrmask = rr < r
+        if IS_FP64:
+            acc = tl.zeros([BM, RP], dtype=tl.float64)
+        else:
+            acc = tl.zeros([BM, RP], dtype=tl.float32)
+        for k0 in range(0, d_in, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < d_in
+            w = tl.load(W + rows64[:, None] * stride_w0 + ks[None, :] * stride_w1,
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if DROPOUT:
+                w = tl.where(_keep(rows[:, None], ks[None, :], d_in, seed, thresh), w, tl.zeros_like(w))
+            phit = tl.load(PHI + rr[None, :] * stride_phi0 + ks[:, None] * stride_phi1,
+                           mask=rrmask[None, :] & kmask[:, None], other=0.0)  # Φᵀ tile [BK, RP]
+            acc = _mma(w, phit, acc, IS_FP64, INTERP_BF16)
+        b = acc * scaling
+        if STORE_B:
+            tl.store(B_OUT + rows64[:, None] * stride_b0 + rr[None, :] * stride_b1,
+                     _cvt(b, B_OUT.dtype.element_ty, INTERP_BF16), mask=rmask[:, None] & rrmask[None, :])
+        if MERGE:
+            bq = _cvt(b, W.dtype.element_ty, INTERP_BF16)  # exact for fp32/fp64; one rounding of B for half types
+            for n0 in range(0, d_in, BN):
+                ns = n0 + tl.arange(0, BN)
+                nmask = ns < d_in
+                m2 = rmask[:, None] & nmask[None, :]
+                w = tl.load(W + rows64[:, None] * stride_w0 + ns[None, :] * stride_w1, mask=m2, other=0.0)
+                psi = tl.load(PSI + rr[:, None] * stride_psi0 + ns[None, :] * stride_psi1,
+                              mask=rrmask[:, None] & nmask[None, :], other=0.0)  # [RP, BN]
+                out = _mma(bq, psi, w.to(acc.dtype), IS_FP64, INTERP_BF16)
+                tl.store(W_OUT + rows64[:, None] * stride_o0 + ns[None, :] * stride_o1,
+                         _cvt(out, W_OUT.dtype.element_ty, INTERP_BF16), mask=m2)
+
+    @triton.jit
+    def _thin_right_kernel(
+        M, R, OUT, T, K, r,
+        stride_m0, stride_m1, stride_r0, stride_r1, stride_o0, stride_o1,
+        BT: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, IS_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
+    ):
+        """OUT[T, r] = M[T, K] @ R[K, r] (u = x Ψᵀ with R = Ψᵀ; v = G B with R = B). One program per
+        BT rows; memory-bound on M."""
+        pid = tl.program_id(0)
+        rows = pid * BT + tl.arange(0, BT)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        rr = tl.arange(0, RP)
+        rrmask = rr < r
+        if IS_FP64:
+            acc = tl.zeros([BT, RP], dtype=tl.float64)
+        else:
+            acc = tl.zeros([BT, RP], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            m = tl.load(M + rows64[:, None] * stride_m0 + ks[None, :] * stride_m1,
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            rt = tl.load(R + ks[:, None] * stride_r0 + rr[None, :] * stride_r1,
+                         mask=kmask[:, None] & rrmask[None, :], other=0.0)
+            acc = _mma(m, rt.to(m.dtype), acc, IS_FP64, INTERP_BF16)
+        tl.store(OUT + rows64[:, None] * stride_o0 + rr[None, :] * stride_o1,
+                 _cvt(acc, OUT.dtype.element_ty, INTERP_BF16), mask=rmask[:, None] & rrmask[None, :])
+
+    @triton.jit
+    def _thin_reduce_kernel(
+        A, M, WS, COLSUM, K, N, r, k_per_split,
+        stride_a0, stride_a1, stride_m0, stride_m1,
+        seed, thresh,
+        BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
+        DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
+    ):
+        """Split-K partial of OUT[r, N] = A[K, r]ᵀ @ (M∘mask)[K, N]: program (n, s) reduces rows
+        [s·k_per_split, (s+1)·k_per_split) of K into WS[s, :, n-block] (and the column sums of M into
+        COLSUM[s, n-block]). ū = uᵀG (+ db), dΨ = vᵀx, dΦ-partial = ūᵀᵀ (W∘M)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < N
+        rr = tl.arange(0, RP)
+        rrmask = rr < r
+        if IS_FP64:
+            acc = tl.zeros([RP, BN], dtype=tl.float64)
+            csum = tl.zeros([BN], dtype=tl.float64)
+        else:
+            acc = tl.zeros([RP, BN], dtype=tl.float32)
+            csum = tl.zeros([BN], dtype=tl.float32)
+        k_start = pid_s * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        for k0 in range(k_start, k_end, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < k_end
+            ks64 = ks.to(tl.int64)
+            m = tl.load(M + ks64[:, None] * stride_m0 + cols[None, :] * stride_m1,
+                        mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if DROPOUT:
+                m = tl.where(_keep(ks[:, None], cols[None, :], N, seed, thresh), m, tl.zeros_like(m))
+            at = tl.load(A + ks64[None, :] * stride_a0 + rr[:, None] * stride_a1,
+                         mask=kmask[None, :] & rrmask[:, None], other=0.0)  # Aᵀ tile [RP, BK]
+            acc = _mma(_cvt(at, m.dtype, INTERP_BF16), m, acc, IS_FP64, INTERP_BF16)
+            if HAS_COLSUM:
+                csum += tl.sum(m.to(csum.dtype), axis=0)
+        ws_base = WS + pid_s.to(tl.int64) * RP * N
+        tl.store(ws_base + rr[:, None] * N + cols[None, :], acc, mask=rrmask[:, None] & cmask[None, :])
+        if HAS_COLSUM:
+            tl.store(COLSUM + pid_s.to(tl.int64) * N + cols, csum, mask=cmask)
+
+    def _kcat_configs():
+        c = triton.Config
+        return [
+            c({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            c({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+            c({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            c({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            c({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            c({"BM": 64, "BN": 64, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=3),
+            c({"BM": 16, "BN": 128, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),  # few tokens
+        ]
+
+    def _prune_kcat(configs, named_args, **kwargs):
+        """fp32/fp64 dots run on CUDA cores (ieee): keep the tiles whose fp32 operands fit the registers."""
+        if named_args["A1"].dtype in (torch.float32, torch.float64):
+            return [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 128 * 64] or configs[-1:]
+        return configs
+
+    @autotune(
+        _kcat_configs(),
+        key=["M_BUCKET", "N", "K1", "K2", "HAS_BIAS"],
+        prune_configs_by={"early_config_prune": _prune_kcat},
+        interpret_config=triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 2}, num_warps=4, num_stages=1),
+    )
+    @triton.heuristics({"EVEN_K1": lambda a: a["K1"] % a["BK"] == 0})
+    @triton.jit
+    def _kcat_matmul_kernel(
+        A1, B1, A2, B2, BIAS, C,
+        M, N, K1, K2, M_BUCKET,
+        stride_a1m, stride_a1k, stride_b1k, stride_b1n,
+        stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+        stride_cm, stride_cn,
+        HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K1: tl.constexpr,
+    ):
+        """C[M, N] = A1[M, K1] @ B1[K1, N] + A2[M, K2] @ B2[K2, N] (+ bias[N]): one GEMM whose K loop
+        runs over the d columns of the dense operands and then the r columns of the low-rank ones.
+        Forward: A1 = x, B1 = Wᵀ, A2 = u, B2 = Bᵀ. Backward: A1 = G, B1 = W, A2 = v, B2 = Ψ."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        group = GROUP_M * num_n  # grouped order: consecutive programs share A1 rows in L2
+        gid = pid // group
+        first_m = gid * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % gsize
+        pid_n = (pid % group) // gsize
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        mmask = rm < M
+        nmask = rn < N
+        rm64 = rm.to(tl.int64)
+        rn64 = rn.to(tl.int64)
+        if IS_FP64:
+            acc = tl.zeros([BM, BN], dtype=tl.float64)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+        rk = tl.arange(0, BK)
+        a_ptr = A1 + rm64[:, None] * stride_a1m + rk[None, :] * stride_a1k
+        b_ptr = B1 + rk[:, None] * stride_b1k + rn64[None, :] * stride_b1n
+        for k0 in range(0, K1, BK):
+            if EVEN_K1:
+                a = tl.load(a_ptr, mask=mmask[:, None], other=0.0)
+                b = tl.load(b_ptr, mask=nmask[None, :], other=0.0)
+            else:
+                kmask = (k0 + rk) < K1
+                a = tl.load(a_ptr, mask=mmask[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(b_ptr, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = _mma(a, b, acc, IS_FP64, INTERP_BF16)
+            a_ptr += BK * stride_a1k
+            b_ptr += BK * stride_b1k
+        a_ptr = A2 + rm64[:, None] * stride_a2m + rk[None, :] * stride_a2k
+        b_ptr = B2 + rk[:, None] * stride_b2k + rn64[None, :] * stride_b2n
+        for k0 in range(0, K2, BK):
+            kmask = (k0 + rk) < K2
+            a = tl.load(a_ptr, mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = _mma(a, b.to(a.dtype), acc, IS_FP64, INTERP_BF16)
+            a_ptr += BK * stride_a2k
+            b_ptr += BK * stride_b2k
+        if HAS_BIAS:
+            bias = tl.load(BIAS + rn, mask=nmask, other=0.0)
+            acc += bias.to(acc.dtype)[None, :]
+        tl.store(C + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn,
+                 _cvt(acc, C.dtype.element_ty, INTERP_BF16), mask=mmask[:, None] & nmask[None, :])
+
+
+# ==============================================================================================
+# Launchers (tensors already validated; shapes 2-D)
+# ==============================================================================================
+def _is64(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float64
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bfloat16 and interpreting()
+
+
+def _rank_pad(r: int) -> int:
+    return max(16, next_pow2(r))
+
+
+def _thin_blocks(rp: int):
+    """(rows per program, K chunk) of the memory-bound thin kernels; small under the interpreter."""
+    if interpreting():
+        return 16, 32
+    return (64, 128) if rp <= 64 else (32, 64)
+
+
+def _launch_generate(weight, phi, psi, eff_scale, *, b_out=None, w_out=None, seed=0, thresh=0):
+    d_out, d_in = weight.shape
+    r = phi.shape[0]
+    rp = _rank_pad(r)
+    if interpreting():
+        bm, bk, bn, warps = 16, 32, 32, 4
+    else:
+        bm, bk, bn, warps = (32, 128, 128, 4) if rp <= 64 else (16, 64, 64, 4)
+    dummy = weight
+    bo = b_out if b_out is not None else dummy
+    wo = w_out if w_out is not None else dummy
+    _generate_kernel[(triton.cdiv(d_out, bm),)](
+        weight, phi, psi, bo, wo, d_out, d_in, r,
+        weight.stride(0), weight.stride(1), phi.stride(0), phi.stride(1), psi.stride(0), psi.stride(1),
+        bo.stride(0), bo.stride(1), wo.stride(0), wo.stride(1),
+        float(eff_scale), int(seed), int(thresh),
+        BM=bm, BK=bk, BN=bn, RP=rp, STORE_B=b_out is not None, MERGE=w_out is not None,
+        DROPOUT=thresh > 0, IS_FP64=_is64(weight), INTERP_BF16=_upcast(weight), num_warps=warps,
+    )
+
+
+def _launch_thin_right(m, rmat, out):
+    """out[T, r] = m[T, K] @ rmat[K, r]."""
+    t, k = m.shape
+    r = rmat.shape[1]
+    if t == 0:
+        return out
+    rp = _rank_pad(r)
+    bt, bk = _thin_blocks(rp)
+    _thin_right_kernel[(triton.cdiv(t, bt),)](
+        m, rmat, out, t, k, r, m.stride(0), m.stride(1), rmat.stride(0), rmat.stride(1),
+        out.stride(0), out.stride(1), BT=bt, BK=bk, RP=rp, IS_FP64=_is64(m), INTERP_BF16=_upcast(m), num_warps=4,
+    )
+    return out
+
+
+def _launch_thin_reduce(a, m, *, colsum=False, seed=0, thresh=0):
+    """(a[K, r]ᵀ @ (m∘mask)[K, N]) in the accumulation dtype, and m's column sums if asked."""
+    k, n = m.shape
+    r = a.shape[1]
+    acc_dtype = torch.float64 if _is64(m) else torch.float32
+    rp = _rank_pad(r)
+    if interpreting():
+        bk, bn, target = 16, 32, 4
+    else:
+        bk, bn = 64, (128 if rp <= 64 else 64)
+        target = 2 * torch.cuda.get_device_properties(m.device).multi_processor_count if m.is_cuda else 8
+    n_tiles = triton.cdiv(n, bn)
+    k_steps = max(1, triton.cdiv(k, bk))
+    splits = max(1, min(k_steps, triton.cdiv(target, n_tiles)))
+    k_per_split = triton.cdiv(k_steps, splits) * bk
+    splits = max(1, triton.cdiv(k, k_per_split))
+    ws = _new((splits, rp, n), acc_dtype, m.device)
+    cs = _new((splits, n), acc_dtype, m.device) if colsum else ws
+    _thin_reduce_kernel[(n_tiles, splits)](
+        a, m, ws, cs, k, n, r, k_per_split,
+        a.stride(0), a.stride(1), m.stride(0), m.stride(1), int(seed), int(thresh),
+        BK=bk, BN=bn, RP=rp, DROPOUT=thresh > 0, HAS_COLSUM=colsum, IS_FP64=_is64(m), INTERP_BF16=_upcast(m), num_warps=4,
+    )
+    out = ws[:, :r].sum(0) if splits > 1 else ws[0, :r]
+    return out, (cs.sum(0) if colsum else None)
+
+
+def _launch_kcat(a1, b1, a2, b2, bias, out):
+    """out = a1 @ b1 + a2 @ b2 (+ bias) with one K loop over both products."""
+    m, k1 = a1.shape
+    n = b1.shape[1]
+    k2 = a2.shape[1]
+    if m == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+    _kcat_matmul_kernel[grid](
+        a1, b1, a2, b2, bias if bias is not None else out, out,
+        m, n, k1, k2, min(next_pow2(m), 8192),
+        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
+        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, IS_FP64=_is64(a1), INTERP_BF16=_upcast(a1),
+    )
+    return out
+
+
+# ==============================================================================================
+# Path choice and dropout bits
+# ==============================================================================================
+def choose_path(tokens: int, d_out: int, d_in: int) -> str:
+    """``fused`` when T ≤ d_out / 2, else ``merged``.
+
+    Byte count: merging writes (and the GEMM re-reads) d_out·d_in extra elements, while the fused
+    path reads x once more for u (T·d_in) and runs a Triton GEMM instead of cuBLAS; with a ~10% GEMM
+    efficiency gap the break-even is near T ≈ 0.4·d_out on an H100 (d = 4096: T ≈ 1.6–2k)."""
+    del d_in
+    return "fused" if 2 * tokens <= d_out else "merged"
+
+
+def _resolve_path(path: str, tokens: int, d_out: int, d_in: int) -> str:
+    return choose_path(tokens, d_out, d_in) if path == "auto" else path
+
+
+def dropout_threshold(p: float) -> int:
+    """24-bit threshold: an entry is dropped when its 24 hash bits are below it (P = threshold / 2^24)."""
+    return int(round(float(p) * (1 << 24)))
+
+
+def dropout_keep_scale(p: float) -> float:
+    """1 / P(keep) for the quantised drop probability, so E[(W∘M)·scale] = W exactly."""
+    t = dropout_threshold(p)
+    return (1 << 24) / ((1 << 24) - t) if t else 1.0
+
+
+def _hash32_torch(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = (h * _HASH_C1) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * _HASH_C2) & _MASK32
+    return h ^ (h >> 16)
+
+
+def dropout_keep_mask(seed: int, d_out: int, d_in: int, p: float, device=None) -> torch.Tensor:
+    """Bool [d_out, d_in]: the keep-mask M the kernels apply to W for (seed, p) (reference bits)."""
+    thresh = dropout_threshold(p)
+    idx = (torch.arange(d_out, device=device, dtype=torch.int64)[:, None] * d_in
+           + torch.arange(d_in, device=device, dtype=torch.int64)[None, :]) & _MASK32
+    s = int(seed) & _MASK32
+    s_mix = int(_hash32_torch(torch.tensor(s, dtype=torch.int64)))
+    h = _hash32_torch(idx ^ s_mix)
+    h = _hash32_torch((h + s) & _MASK32)
+    return (h >> 8) >= thresh
+
+
+# ==============================================================================================
+# PyTorch references (tensors in, tensors out, no autograd): the CPU path and the test oracle
+# ==============================================================================================
+def _dropped(weight, dropout_p, seed):
+    if dropout_threshold(dropout_p) == 0:
+        return weight, 1.0
+    keep = dropout_keep_mask(seed, weight.shape[0], weight.shape[1], dropout_p, weight.device)
+    return weight * keep, dropout_keep_scale(dropout_p)
+
+
+def generate_b_reference(weight, phi, scaling, dropout_p=0.0, seed=0):
+    """B = scaling/(1-p) · (W∘M) Φᵀ in the weight dtype."""
+    wd, ks = _dropped(weight, dropout_p, seed)
+    return (wd @ phi.t()) * (scaling * ks)
+
+
+def wegeft_forward_reference(x, weight, bias, phi, psi, scaling, dropout_p=0.0, seed=0):
+    """(y, u) with u = x Ψᵀ and y = x Wᵀ + b + u Bᵀ; x [T, d_in]."""
+    u = x @ psi.t()
+    b_gen = generate_b_reference(weight, phi, scaling, dropout_p, seed)
+    y = F.linear(x, weight, bias) + u @ b_gen.t()
+    return y, u
+
+
+def wegeft_backward_reference(grad, x, u, weight, phi, psi, scaling, dropout_p=0.0, seed=0,
+                              need_dx=True, need_dphi=True, need_dpsi=True, need_dbias=False):
+    """(dx, dΦ, dΨ, db), None where not needed (DESIGN §3 with B generated as in the forward)."""
+    wd, ks = _dropped(weight, dropout_p, seed)
+    dx = dphi = dpsi = db = None
+    if need_dx or need_dpsi:
+        v = grad @ ((wd @ phi.t()) * (scaling * ks))
+        if need_dx:
+            dx = grad @ weight + v @ psi
+        if need_dpsi:
+            dpsi = v.t() @ x
+    if need_dphi:
+        dphi = (u.t() @ grad) @ wd * (scaling * ks)
+    if need_dbias:
+        db = grad.sum(0)
+    return dx, dphi, dpsi, db
+
+
+def wegeft_merge_reference(weight, phi, psi, scaling):
+    """W + scaling · (W Φᵀ) Ψ, accumulated in fp32 (fp64 for fp64), rounded once to W's dtype."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.to(acc)
+    return (w + (w @ phi.to(acc).t()) @ psi.to(acc) * scaling).to(weight.dtype)
+
+
+# ==============================================================================================
+# Validation and public dispatching functions
+# ==============================================================================================
+def _check_scalar(name, value, lo=None, hi=None, hi_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise TypeError(f"{name}: expected a finite real number, got {value!r}")
+    v = float(value)
+    if lo is not None and v < lo or hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{name}: expected a value in [{lo}, {hi}{')' if hi_open else ']'}, got {v}")
+
+
+def check_generators(weight, phi, psi):
+    """Φ, Ψ must be [r, d_in] with the same r, matching W [d_out, d_in]. Returns r."""
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    d_in = weight.shape[1]
+    check_tensor("phi", phi, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("psi", psi, ndim=2, dtypes=FLOAT_DTYPES)
+    if phi.shape[1] != d_in:
+        raise ValueError(f"phi: expected shape [r, {d_in}] (d_in of weight {list(weight.shape)}), got {list(phi.shape)}")
+    if psi.shape[1] != d_in:
+        raise ValueError(f"psi: expected shape [r, {d_in}] (d_in of weight {list(weight.shape)}), got {list(psi.shape)}")
+    if psi.shape[0] != phi.shape[0]:
+        raise ValueError(f"psi: rank mismatch: psi has r = {psi.shape[0]} rows, phi has r = {phi.shape[0]}")
+    if phi.shape[0] < 1:
+        raise ValueError(f"phi: rank r must be >= 1, got shape {list(phi.shape)}")
+    for name, t in (("phi", phi), ("psi", psi)):
+        if t.dtype != weight.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} does not match weight dtype {weight.dtype} "
+                            "(cast the generators to the weight dtype)")
+    check_same_device(weight=weight, phi=phi, psi=psi)
+    return phi.shape[0]
+
+
+def check_linear_inputs(x, weight, bias, phi, psi, scaling, dropout_p=0.0, path="auto", *, x_ndim=None):
+    """Validate wegeft_linear's arguments; every failure names the argument."""
+    check_tensor("x", x, ndim=x_ndim, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dim [..., d_in], got shape {list(x.shape)}")
+    check_generators(weight, phi, psi)
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x: last dim {x.shape[-1]} does not match weight in_features {d_in} (weight {list(weight.shape)})")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x: dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, shape=[d_out], dtypes=FLOAT_DTYPES)
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} does not match weight dtype {weight.dtype}")
+    check_same_device(x=x, weight=weight, bias=bias)
+    _check_scalar("scaling", scaling)
+    _check_scalar("dropout_p", dropout_p, 0.0, 1.0, hi_open=True)
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+
+
+def _triton_ok(t: torch.Tensor, r: int) -> bool:
+    """Triton for this call: the dispatch rule, except fp64 on CUDA and r > MAX_TRITON_RANK (composite)."""
+    if not use_triton(t):
+        return False
+    return r <= MAX_TRITON_RANK and not (t.is_cuda and t.dtype == torch.float64)
+
+
+def output_layout(tokens: int, d_out: int, r: int, path: str, triton_path: bool):
+    """(row stride of y, its buffer width): the merged Triton path returns y as a column slice."""
+    if triton_path and path == "merged":
+        width = _round_up(d_out + r, _ALIGN)
+        return width, width
+    return d_out, d_out
+
+
+def generate_b(weight, phi, scaling, *, dropout_p=0.0, seed=0, out_dtype=None):
+    """B = scaling/(1-p) · (W∘M) Φᵀ  [d_out, r] (``out_dtype`` default: weight dtype)."""
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_generators(weight, phi, phi)
+    _check_scalar("scaling", scaling)
+    _check_scalar("dropout_p", dropout_p, 0.0, 1.0, hi_open=True)
+    out_dtype = out_dtype or weight.dtype
+    if not _triton_ok(weight, phi.shape[0]):
+        return generate_b_reference(weight, phi, scaling, dropout_p, seed).to(out_dtype)
+    out = _new((weight.shape[0], phi.shape[0]), out_dtype, weight.device)
+    _launch_generate(weight, phi, phi, scaling * dropout_keep_scale(dropout_p), b_out=out,
+                     seed=seed, thresh=dropout_threshold(dropout_p))
+    return out
+
+
+def wegeft_merge(weight, phi, psi, scaling, *, out=None):
+    """W' = W + scaling · (W Φᵀ) Ψ, fp32-accumulated, one rounding. ``out=weight`` merges in place
+    (one sweep over W's rows: B for a row block, then that block rewritten)."""
+    check_generators(weight, phi, psi)
+    _check_scalar("scaling", scaling)
+    if out is not None:
+        check_tensor("out", out, shape=list(weight.shape), dtypes=[weight.dtype], device=weight.device)
+    if not _triton_ok(weight, phi.shape[0]):
+        res = wegeft_merge_reference(weight, phi, psi, scaling)
+        return res if out is None else out.copy_(res)
+    if out is None:
+        out = _new(tuple(weight.shape), weight.dtype, weight.device)
+    if weight.numel():
+        _launch_generate(weight, phi, psi, scaling, w_out=out)
+    return out
+
+
+def wegeft_forward(x, weight, bias, phi, psi, scaling, *, dropout_p=0.0, seed=0, path="auto"):
+    """(y [T, d_out], u = x Ψᵀ [T, r]) for x [T, d_in]. See the module docstring for the paths."""
+    check_linear_inputs(x, weight, bias, phi, psi, scaling, dropout_p, path, x_ndim=2)
+    t, d_in = x.shape
+    d_out = weight.shape[0]
+    r = phi.shape[0]
+    if not _triton_ok(x, r):
+        return wegeft_forward_reference(x, weight, bias, phi, psi, scaling, dropout_p, seed)
+    path = _resolve_path(path, t, d_out, d_in)
+    eff = float(scaling) * dropout_keep_scale(dropout_p)
+    thresh = dropout_threshold(dropout_p)
+    if path == "merged":
+        width, _ = output_layout(t, d_out, r, path, True)
+        wcat = _new((width, d_in), weight.dtype, weight.device)  # [W' ; Ψ ; 0]
+        if d_out:
+            _launch_generate(weight, phi, psi, eff, w_out=wcat[:d_out], seed=seed, thresh=thresh)
+        wcat[d_out:d_out + r].copy_(psi)
+        wcat[d_out + r:].zero_()
+        if bias is not None:
+            bias_cat = torch.cat([bias, bias.new_zeros(width - d_out)])
+            buf = torch.addmm(bias_cat, x, wcat.t())
+        else:
+            buf = torch.mm(x, wcat.t())
+        return buf[:, :d_out], buf[:, d_out:d_out + r].contiguous()
+    u = _launch_thin_right(x, psi.t(), _new((t, r), x.dtype, x.device))
+    b_gen = _new((d_out, r), weight.dtype, weight.device)
+    if d_out:
+        _launch_generate(weight, phi, psi, eff, b_out=b_gen, seed=seed, thresh=thresh)
+    y = _new((t, d_out), x.dtype, x.device)
+    if d_out:
+        _launch_kcat(x, weight.t(), u, b_gen.t(), bias, y)
+    return y, u
+
+
+def wegeft_backward(grad, x, u, weight, phi, psi, scaling, *, dropout_p=0.0, seed=0, path="auto",
+                    need_dx=True, need_dphi=True, need_dpsi=True, need_dbias=False):
+    """(dx, dΦ, dΨ, db) of y = wegeft_forward(...) for dy = ``grad`` [T, d_out]; None where not needed.
+    ``x`` may be None when dΨ is not needed, ``u`` when dΦ is not needed. dΦ, dΨ come back in the
+    generators' dtype, db in the weight dtype."""
+    check_generators(weight, phi, psi)
+    d_out, d_in = weight.shape
+    r = phi.shape[0]
+    check_tensor("grad", grad, ndim=2, dtypes=[weight.dtype])
+    t = grad.shape[0]
+    if grad.shape[1] != d_out:
+        raise ValueError(f"grad: expected shape [T, {d_out}], got {list(grad.shape)}")
+    if need_dpsi:
+        check_tensor("x", x, shape=[t, d_in], dtypes=[weight.dtype])
+    if need_dphi:
+        check_tensor("u", u, shape=[t, r], dtypes=[weight.dtype])
+    check_same_device(grad=grad, weight=weight, x=x if need_dpsi else None, u=u if need_dphi else None)
+    _check_scalar("scaling", scaling)
+    _check_scalar("dropout_p", dropout_p, 0.0, 1.0, hi_open=True)
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if not _triton_ok(grad, r):
+        return wegeft_backward_reference(grad, x, u, weight, phi, psi, scaling, dropout_p, seed,
+                                         need_dx, need_dphi, need_dpsi, need_dbias)
+    path = _resolve_path(path, t, d_out, d_in)
+    eff = float(scaling) * dropout_keep_scale(dropout_p)
+    thresh = dropout_threshold(dropout_p)
+    dx = dphi = dpsi = db = None
+
+    if need_dphi:
+        ubar, colsum = _launch_thin_reduce(u, grad, colsum=need_dbias)          # ū = uᵀG [r, d_out]
+        part, _ = _launch_thin_reduce(ubar.t(), weight, seed=seed, thresh=thresh)  # ū (W∘M) [r, d_in]
+        dphi = (part * eff).to(phi.dtype)
+        if need_dbias:
+            db = colsum.to(weight.dtype)
+    if need_dbias and db is None:
+        db = grad.sum(0, dtype=torch.float64 if _is64(grad) else torch.float32).to(weight.dtype)
+
+    v = None
+    if need_dx and path == "merged":
+        if need_dpsi:  # G · [W' | B] = [dx | v]
+            width = _round_up(d_in + r, _ALIGN)
+            wcat = _new((d_out, width), weight.dtype, weight.device)
+            if d_out:
+                _launch_generate(weight, phi, psi, eff, b_out=wcat[:, d_in:d_in + r], w_out=wcat[:, :d_in],
+                                 seed=seed, thresh=thresh)
+            wcat[:, d_in + r:].zero_()
+            buf = torch.mm(grad, wcat)
+            dx, v = buf[:, :d_in], buf[:, d_in:d_in + r]
+        else:
+            w_merged = _new((d_out, d_in), weight.dtype, weight.device)
+            if d_out:
+                _launch_generate(weight, phi, psi, eff, w_out=w_merged, seed=seed, thresh=thresh)
+            dx = torch.mm(grad, w_merged)
+    elif need_dx or need_dpsi:
+        b_gen = _new((d_out, r), weight.dtype, weight.device)
+        if d_out:
+            _launch_generate(weight, phi, psi, eff, b_out=b_gen, seed=seed, thresh=thresh)
+        v = _launch_thin_right(grad, b_gen, _new((t, r), grad.dtype, grad.device))  # v = G B
+        if need_dx:
+            dx = _new((t, d_in), grad.dtype, grad.device)
+            _launch_kcat(grad, weight, v, psi, None, dx)
+    if need_dpsi:
+        dpsi = _launch_thin_reduce(v, x)[0].to(psi.dtype)                        # dΨ = vᵀ x
+    return dx, dphi, dpsi, db
+
+
+# ==============================================================================================
+# sm_90 compile specs (checked on CPU by kernels/_compile_check.py)
+# ==============================================================================================
+def _spec_generate(p, rp, store_b, merge, drop):
+    ints = ("d_out", "d_in", "r", "stride_w0", "stride_w1", "stride_phi0", "stride_phi1", "stride_psi0", "stride_psi1",
+            "stride_b0", "stride_b1", "stride_o0", "stride_o1", "seed", "thresh")
+    small = rp <= 64
+    return CompileSpec(
+        _generate_kernel,
+        {"W": p, "PHI": p, "PSI": p, "B_OUT": p, "W_OUT": p, **{k: "i32" for k in ints}, "scaling": "fp32",
+         **{k: "constexpr" for k in ("BM", "BK", "BN", "RP", "STORE_B", "MERGE", "DROPOUT", "IS_FP64", "INTERP_BF16")}},
+        {"BM": 32 if small else 16, "BK": 128 if small else 64, "BN": 128 if small else 64, "RP": rp,
+         "STORE_B": store_b, "MERGE": merge, "DROPOUT": drop, "IS_FP64": False, "INTERP_BF16": False},
+        name=f"generate[{p[1:]},rp={rp},b={int(store_b)},merge={int(merge)},drop={int(drop)}]",
+    )
+
+
+def _spec_thin_right(p, rp):
+    ints = ("T", "K", "r", "stride_m0", "stride_m1", "stride_r0", "stride_r1", "stride_o0", "stride_o1")
+    bt, bk = (64, 128) if rp <= 64 else (32, 64)
+    return CompileSpec(
+        _thin_right_kernel,
+        {"M": p, "R": p, "OUT": p, **{k: "i32" for k in ints},
+         **{k: "constexpr" for k in ("BT", "BK", "RP", "IS_FP64", "INTERP_BF16")}},
+        {"BT": bt, "BK": bk, "RP": rp, "IS_FP64": False, "INTERP_BF16": False},
+        name=f"thin_right[{p[1:]},rp={rp}]",
+    )
+
+
+def _spec_thin_reduce(p, a, rp, drop, colsum):
+    ints = ("K", "N", "r", "k_per_split", "stride_a0", "stride_a1", "stride_m0", "stride_m1", "seed", "thresh")
+    return CompileSpec(
+        _thin_reduce_kernel,
+        {"A": a, "M": p, "WS": "*fp32", "COLSUM": "*fp32", **{k: "i32" for k in ints},
+         **{k: "constexpr" for k in ("BK", "BN", "RP", "DROPOUT", "HAS_COLSUM", "IS_FP64", "INTERP_BF16")}},
+        {"BK": 64, "BN": 128 if rp <= 64 else 64, "RP": rp, "DROPOUT": drop, "HAS_COLSUM": colsum,
+         "IS_FP64": False, "INTERP_BF16": False},
+        name=f"thin_reduce[{p[1:]},A={a[1:]},rp={rp},drop={int(drop)},colsum={int(colsum)}]",
+    )
+
+
+def _spec_kcat(p, cfg, bias):
+    ints = ("M", "N", "K1", "K2", "M_BUCKET", "stride_a1m", "stride_a1k", "stride_b1k", "stride_b1n", "stride_a2m",
+            "stride_a2k", "stride_b2k", "stride_b2n", "stride_cm", "stride_cn")
+    kw = dict(cfg.kwargs)
+    return CompileSpec(
+        _kcat_matmul_kernel,
+        {"A1": p, "B1": p, "A2": p, "B2": p, "BIAS": p, "C": p, **{k: "i32" for k in ints},
+         **{k: "constexpr" for k in ("HAS_BIAS", "IS_FP64", "INTERP_BF16", "BM", "BN", "BK", "GROUP_M", "EVEN_K1")}},
+        {**kw, "HAS_BIAS": bias, "IS_FP64": False, "INTERP_BF16": False, "EVEN_K1": True},
+        name=f"kcat[{p[1:]},{kw['BM']}x{kw['BN']}x{kw['BK']},bias={int(bias)}]",
+    )
+
+
+SM90_COMPILE_SPECS: list = []
+if HAS_TRITON:
+    # bf16 (the training dtype): every feature flag, every rank tile and every autotune config;
+    # fp16 / fp32: each kernel once with its heaviest flags (compile time of the CI check).
+    _bf = "*bf16"
+    SM90_COMPILE_SPECS += [
+        _spec_generate(_bf, 64, True, False, False), _spec_generate(_bf, 64, False, True, False),
+        _spec_generate(_bf, 64, True, True, True), _spec_generate(_bf, 16, True, False, True),
+        _spec_generate(_bf, 256, False, True, False),
+        _spec_thin_right(_bf, 16), _spec_thin_right(_bf, 64), _spec_thin_right(_bf, 256),
+        _spec_thin_reduce(_bf, _bf, 64, False, True), _spec_thin_reduce(_bf, "*fp32", 64, True, False),
+        _spec_thin_reduce(_bf, _bf, 256, False, False),
+        *[_spec_kcat(_bf, c, True) for c in _kcat_configs()], _spec_kcat(_bf, _kcat_configs()[-1], False),
+    ]
+    for _p, _big in (("*fp16", 1), ("*fp32", 4)):  # fp32: the tiles _prune_kcat keeps
+        SM90_COMPILE_SPECS += [
+            _spec_generate(_p, 64, True, True, True), _spec_thin_right(_p, 64),
+            _spec_thin_reduce(_p, _p, 64, False, True), _spec_thin_reduce(_p, "*fp32", 64, True, False),
+            _spec_kcat(_p, _kcat_configs()[_big], True), _spec_kcat(_p, _kcat_configs()[-1], True),
+        ]

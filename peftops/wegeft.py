@@ -1,0 +1,429 @@
+"""WeGeFT: weight-generative fine-tuning (DESIGN §3) as a torch op, a drop-in module and a method.
+
+    y = x Wᵀ + b + s · (x Ψᵀ)(Φ Wᵀ),   W' = W + s (W Φᵀ) Ψ,   s = α / r,   Φ, Ψ ∈ R^{r×d_in}
+
+- ``wegeft_linear(x, weight, bias, phi, psi, scaling)``: the functional op (custom op
+  ``peftops::wegeft_linear`` + its backward op, so it runs eagerly and under
+  ``torch.compile(fullgraph=True)``). W is frozen; gradients flow to x, Φ, Ψ and the bias.
+- ``WeGeFTLinear``: wraps a frozen ``nn.Linear`` (keeps its ``weight``/``bias`` Parameters, so the
+  module's state-dict keys do not change); Φ, Ψ may be shared with other layers.
+- ``WeGeFTConfig`` / ``WeGeFTMethod``: ``peftops.apply(model, WeGeFTConfig())`` adapts the q, k, v,
+  up, down projections with one (Φ, Ψ) per projection type shared across layers (or per layer).
+
+Output layout: for large token counts on the GPU path the op returns y as a column slice of a
+[T, d_out + r] buffer (row stride d_out + r padded to 8; see kernels/wegeft.py). Ops that split or
+merge leading dims (``.view(B, S, H, hd)``, ``.view(-1, d_out)``) and all elementwise ops work on
+it; call ``.contiguous()`` before flattening the last dim into others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import wegeft as K
+from .model import AdapterConfig, Method, find_target_modules, register_method, replace_module
+
+__all__ = ["wegeft_linear", "WeGeFTLinear", "WeGeFTConfig", "WeGeFTMethod", "LLAMA_TARGETS", "BERT_TARGETS"]
+
+_EMPTY_SHAPE = (0,)
+
+
+# ==============================================================================================
+# Custom ops
+# ==============================================================================================
+def _seed_int(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.reshape(-1)[0])
+
+
+def _y_like(x2: Tensor, weight: Tensor, r: int, path: str) -> Tensor:
+    t = x2.shape[0]
+    d_out, d_in = weight.shape
+    tri = K._triton_ok(x2, r)
+    _, width = K.output_layout(t, d_out, r, K._resolve_path(path, t, d_out, d_in), tri)
+    return x2.new_empty((t, width))[:, :d_out]
+
+
+@torch.library.custom_op("peftops::wegeft_linear", mutates_args=())
+def _wegeft_linear_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor,
+    scaling: float, dropout_p: float, seed: Optional[Tensor], path: str,
+) -> tuple[Tensor, Tensor]:
+    """(y, u = x Ψᵀ) for x [T, d_in]; u is kept for the backward (dΦ needs uᵀ dy)."""
+    return K.wegeft_forward(x, weight, bias, phi, psi, scaling, dropout_p=dropout_p, seed=_seed_int(seed), path=path)
+
+
+@_wegeft_linear_op.register_fake
+def _(x, weight, bias, phi, psi, scaling, dropout_p, seed, path):
+    return _y_like(x, weight, phi.shape[0], path), x.new_empty((x.shape[0], phi.shape[0]))
+
+
+@torch.library.custom_op("peftops::wegeft_linear_backward", mutates_args=())
+def _wegeft_linear_backward_op(
+    grad: Tensor, x: Optional[Tensor], u: Optional[Tensor], weight: Tensor, phi: Tensor, psi: Tensor,
+    scaling: float, dropout_p: float, seed: Optional[Tensor], path: str, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dΦ, dΨ, db); an output that ``needs`` (dx, dΦ, dΨ, db) leaves out is an empty tensor."""
+    need_dx, need_dphi, need_dpsi, need_db = needs
+    dx, dphi, dpsi, db = K.wegeft_backward(
+        grad, x, u, weight, phi, psi, scaling, dropout_p=dropout_p, seed=_seed_int(seed), path=path,
+        need_dx=need_dx, need_dphi=need_dphi, need_dpsi=need_dpsi, need_dbias=need_db,
+    )
+    empty = grad.new_empty(_EMPTY_SHAPE)
+    return tuple(t if t is not None else empty.clone() for t in (dx, dphi, dpsi, db))
+
+
+@_wegeft_linear_backward_op.register_fake
+def _(grad, x, u, weight, phi, psi, scaling, dropout_p, seed, path, needs):
+    need_dx, need_dphi, need_dpsi, need_db = needs
+    t = grad.shape[0]
+    d_out, d_in = weight.shape
+    r = phi.shape[0]
+    empty = grad.new_empty(_EMPTY_SHAPE)
+    dx = empty.clone()
+    if need_dx:
+        tri = K._triton_ok(grad, r)
+        merged = tri and K._resolve_path(path, t, d_out, d_in) == "merged"
+        if merged and need_dpsi:  # [dx | v] share one buffer (kernels/wegeft.py)
+            dx = grad.new_empty((t, K._round_up(d_in + r, K._ALIGN)))[:, :d_in]
+        else:
+            dx = grad.new_empty((t, d_in))
+    dphi = phi.new_empty(phi.shape) if need_dphi else empty.clone()
+    dpsi = psi.new_empty(psi.shape) if need_dpsi else empty.clone()
+    db = grad.new_empty((d_out,)) if need_db else empty.clone()
+    return dx, dphi, dpsi, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, phi, psi, scaling, dropout_p, seed, path = inputs
+    _, u = output
+    need_x, _, need_b, need_phi, need_psi = ctx.needs_input_grad[:5]
+    # Save only what the needed gradients read: x for dΨ, u for dΦ (W, Φ, Ψ are parameters).
+    ctx.save_for_backward(x if need_psi else None, u if need_phi else None, weight, phi, psi, seed)
+    ctx.scaling, ctx.dropout_p, ctx.path = scaling, dropout_p, path
+    ctx.needs = [bool(need_x), bool(need_phi), bool(need_psi), bool(need_b)]
+    ctx.mark_non_differentiable(u)
+
+
+def _backward(ctx, grad_y, grad_u):
+    x, u, weight, phi, psi, seed = ctx.saved_tensors
+    if not any(ctx.needs):
+        return (None,) * 9
+    dx, dphi, dpsi, db = torch.ops.peftops.wegeft_linear_backward(
+        grad_y, x, u, weight, phi, psi, ctx.scaling, ctx.dropout_p, seed, ctx.path, ctx.needs
+    )
+    need_dx, need_dphi, need_dpsi, need_db = ctx.needs
+    return (dx if need_dx else None, None, db if need_db else None, dphi if need_dphi else None,
+            dpsi if need_dpsi else None, None, None, None, None)
+
+
+torch.library.register_autograd("peftops::wegeft_linear", _backward, setup_context=_setup_context)
+
+
+# ==============================================================================================
+# Functional API
+# ==============================================================================================
+def _new_seed() -> Tensor:
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def wegeft_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor, scaling: float, *,
+    dropout_p: float = 0.0, dropout_seed: Optional[int | Tensor] = None, path: str = "auto",
+) -> Tensor:
+    """y = x Wᵀ + b + scaling · (x Ψᵀ)(Φ Wᵀ) for x [..., d_in], W [d_out, d_in], Φ, Ψ [r, d_in].
+
+    All tensors share one float dtype and device. W must not require grad (it is frozen).
+    ``dropout_p`` > 0: the generated branch uses W∘M/(1-p) with a fresh keep-mask M over W's entries
+    per call (``dropout_seed`` fixes it); the x Wᵀ term never sees dropout. ``path``: "auto" (by token
+    count), "fused" or "merged" (kernels/wegeft.py). Returns [..., d_out].
+    """
+    K.check_linear_inputs(x, weight, bias, phi, psi, scaling, dropout_p, path)
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight: WeGeFT keeps the base weight frozen; call weight.requires_grad_(False)")
+    d_out, d_in = weight.shape
+    lead = x.shape[:-1]
+    seed = None
+    if dropout_p > 0:
+        if dropout_seed is None:
+            seed = _new_seed()
+        elif isinstance(dropout_seed, Tensor):
+            seed = dropout_seed.reshape(1).to(device="cpu", dtype=torch.int64)
+        else:
+            seed = torch.tensor([int(dropout_seed) & 0x7FFFFFFF], dtype=torch.int64)
+    y, _ = torch.ops.peftops.wegeft_linear(x.reshape(-1, d_in), weight, bias, phi, psi, float(scaling),
+                                           float(dropout_p), seed, path)
+    return y.reshape(*lead, d_out)
+
+
+# ==============================================================================================
+# Module
+# ==============================================================================================
+def _generator_dtype(weight_dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    return torch.float32 if upcast and weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+class WeGeFTLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus generators: y = x Wᵀ + b + s · (x Ψᵀ)(Φ Wᵀ), s = α / r.
+
+    Keeps the base layer's ``weight`` and ``bias`` Parameters (frozen). ``phi``/``psi``: pass existing
+    Parameters [r, in_features] to share them with other layers (their gradients then sum over the
+    layers), or leave None to create this layer's own (Φ = 0, Ψ kaiming-uniform, so the output starts
+    equal to the base layer's). Generators of fp16/bf16 layers are stored in fp32 when
+    ``upcast_generators`` (cast to the weight dtype in forward; their gradients arrive in fp32).
+
+    ``dropout``: during training the generated branch sees W∘M/(1-p) (fresh mask per call, the
+    authors' semantics: entries of W are dropped in the generated branch only); in eval, or p = 0,
+    no dropout code runs. ``merge()`` folds s (W Φᵀ) Ψ into W and keeps a copy of the original W
+    (on the CPU with ``merge_backup="cpu"``, else on W's device: the memory of one W either way) so
+    ``unmerge()`` restores it bit for bit.
+    """
+
+    peftops_adapter = True
+
+    def __init__(self, base: nn.Linear, r: int = 64, alpha: float = 128.0, *, phi: Optional[nn.Parameter] = None,
+                 psi: Optional[nn.Parameter] = None, dropout: float = 0.0, upcast_generators: bool = True,
+                 path: str = "auto", merge_backup: str = "cpu", generator_key: Optional[str] = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        _check_hparams(r, alpha, dropout, path, merge_backup)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        gdtype = _generator_dtype(self.weight.dtype, upcast_generators)
+        shape = (r, self.in_features)
+        if phi is None:
+            phi = nn.Parameter(torch.zeros(shape, dtype=gdtype, device=self.weight.device))
+        if psi is None:
+            psi = nn.Parameter(torch.empty(shape, dtype=gdtype, device=self.weight.device))
+            nn.init.kaiming_uniform_(psi, a=math.sqrt(5))  # nn.Linear's default init
+        for name, g in (("phi", phi), ("psi", psi)):
+            if not isinstance(g, nn.Parameter):
+                raise TypeError(f"{name}: expected an nn.Parameter, got {type(g).__name__}")
+            if tuple(g.shape) != shape:
+                raise ValueError(f"{name}: expected shape {list(shape)} (r, in_features of the base layer), "
+                                 f"got {list(g.shape)}")
+        self.phi, self.psi = phi, psi
+        self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
+        self.dropout, self.path, self.merge_backup = float(dropout), path, merge_backup
+        self.generator_key = generator_key
+        self.merged = False
+        self._original_weight: Optional[Tensor] = None
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors of this unit (the shared ones when generators are shared)."""
+        return [self.phi, self.psi]
+
+    def _generators(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.phi.to(dtype), self.psi.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        if self.merged:
+            return nn.functional.linear(x, weight, bias)
+        phi, psi = self._generators(weight.dtype)
+        p = self.dropout if self.training else 0.0
+        return wegeft_linear(x, weight, bias, phi, psi, self.scaling, dropout_p=p, path=self.path)
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """s (W Φᵀ) Ψ in fp32 (fp64 for fp64 weights): what ``merge`` adds to W."""
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        w = self.weight.to(acc)
+        return (w @ self.phi.to(acc).t()) @ self.psi.to(acc) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + s (W Φᵀ) Ψ in place (one Triton sweep on the GPU); no-op when merged."""
+        if self.merged:
+            return
+        w = self.weight
+        self._original_weight = w.detach().to("cpu" if self.merge_backup == "cpu" else w.device, copy=True)
+        phi, psi = self._generators(w.dtype)
+        K.wegeft_merge(w.detach(), phi.detach(), psi.detach(), self.scaling, out=w.detach())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the original W bit for bit; no-op when not merged."""
+        if not self.merged:
+            return
+        self.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, key={self.generator_key!r}, "
+                f"merged={self.merged}")
+
+
+def _check_hparams(r, alpha, dropout, path, merge_backup):
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r: expected an integer >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    if path not in K.PATHS:
+        raise ValueError(f"path: expected one of {K.PATHS}, got {path!r}")
+    if merge_backup not in ("cpu", "device"):
+        raise ValueError(f"merge_backup: expected 'cpu' or 'device', got {merge_backup!r}")
+
+
+# ==============================================================================================
+# Model-level method
+# ==============================================================================================
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+BERT_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
+BERT_EXCLUDE = ["attention.output.dense"]  # "output.dense" is the FFN down projection, not attention's
+
+
+@dataclasses.dataclass
+class WeGeFTConfig(AdapterConfig):
+    """WeGeFT settings (defaults: the authors' LLM scripts).
+
+    target_modules: module-name suffixes; None infers q, k, v, up, down for Llama-style
+    (q_proj ... down_proj) and BERT-style (query, key, value, intermediate.dense, output.dense)
+    models and stores the resolved lists. exclude_modules: suffixes never adapted.
+    share_generators: one (Φ, Ψ) per target (projection type) shared by all its layers (their d_in
+    must agree), else one per layer. dropout, upcast_generators, path, merge_backup: see WeGeFTLinear.
+    """
+
+    method = "wegeft"
+    r: int = 64
+    alpha: float = 128.0
+    exclude_modules: Optional[list[str]] = None
+    share_generators: bool = True
+    dropout: float = 0.0
+    upcast_generators: bool = True
+    path: str = "auto"
+    merge_backup: str = "cpu"
+
+    def validate(self) -> None:
+        super().validate()
+        _check_hparams(self.r, self.alpha, self.dropout, self.path, self.merge_backup)
+        if self.exclude_modules is not None:
+            if isinstance(self.exclude_modules, str):
+                self.exclude_modules = [self.exclude_modules]
+            if not all(isinstance(t, str) and t for t in self.exclude_modules):
+                raise ValueError(f"exclude_modules: expected a list of non-empty strings, got {self.exclude_modules!r}")
+        for name in ("share_generators", "upcast_generators"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+
+
+def _suffix_match(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _resolve_targets(model: nn.Module, config: WeGeFTConfig) -> None:
+    if config.target_modules is not None:
+        return
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if any(_suffix_match(n, "q_proj") for n in names):
+        config.target_modules = list(LLAMA_TARGETS)
+    elif any(_suffix_match(n, "query") for n in names):
+        config.target_modules = list(BERT_TARGETS)
+        config.exclude_modules = sorted(set(config.exclude_modules or []) | set(BERT_EXCLUDE))
+    else:
+        raise ValueError(f"target_modules: cannot infer the q/k/v/up/down projections of {type(model).__name__} "
+                         "(no Linear named *q_proj or *query); pass target_modules")
+
+
+def _targets(model: nn.Module, config: WeGeFTConfig) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, generator key) of every module to adapt; the key is the most specific target."""
+    exclude = config.exclude_modules or []
+    out = []
+    for name, mod in find_target_modules(model, config.target_modules):
+        if any(_suffix_match(name, e) for e in exclude):
+            continue
+        key = max((t for t in config.target_modules if _suffix_match(name, t)), key=len)
+        out.append((name, mod, key))
+    return out
+
+
+def _adapted(model: nn.Module) -> list[tuple[str, WeGeFTLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WeGeFTLinear)]
+
+
+def _unit_key(name: str, mod: WeGeFTLinear, config: WeGeFTConfig) -> str:
+    return mod.generator_key if config.share_generators else name
+
+
+@register_method
+class WeGeFTMethod(Method):
+    """apply / save / load / merge for WeGeFT; the adapter file holds only the generators
+    (``<target>.phi/psi`` when shared, ``<module name>.phi/psi`` per layer)."""
+
+    name = "wegeft"
+    config_class = WeGeFTConfig
+
+    def apply(self, model: nn.Module, config: WeGeFTConfig) -> None:
+        _resolve_targets(model, config)
+        found = _targets(model, config)
+        if not found:
+            raise ValueError(f"target_modules: no nn.Linear in {type(model).__name__} matches {config.target_modules}"
+                             f" (excluding {config.exclude_modules})")
+        shared: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        if config.share_generators:
+            groups: dict[str, list[tuple[str, nn.Linear]]] = {}
+            for name, mod, key in found:
+                groups.setdefault(key, []).append((name, mod))
+            for key, members in groups.items():
+                d_ins = sorted({m.in_features for _, m in members})
+                if len(d_ins) > 1:
+                    detail = ", ".join(f"{n} (in_features={m.in_features})" for n, m in members[:4])
+                    raise ValueError(f"target_modules: shared generators of {key!r} need one in_features across its "
+                                     f"layers, found {d_ins}: {detail}; use share_generators=False")
+                first = members[0][1]
+                gdtype = _generator_dtype(first.weight.dtype, config.upcast_generators)
+                phi = nn.Parameter(torch.zeros(config.r, d_ins[0], dtype=gdtype, device=first.weight.device))
+                psi = nn.Parameter(torch.empty(config.r, d_ins[0], dtype=gdtype, device=first.weight.device))
+                nn.init.kaiming_uniform_(psi, a=math.sqrt(5))
+                shared[key] = (phi, psi)
+        for name, mod, key in found:
+            phi, psi = shared.get(key, (None, None))
+            new = WeGeFTLinear(mod, config.r, config.alpha, phi=phi, psi=psi, dropout=config.dropout,
+                               upcast_generators=config.upcast_generators, path=config.path,
+                               merge_backup=config.merge_backup, generator_key=key)
+            replace_module(model, name, new)
+
+    def adapter_state_dict(self, model: nn.Module, config: WeGeFTConfig) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, mod in _adapted(model):
+            unit = _unit_key(name, mod, config)
+            out[f"{unit}.phi"] = mod.phi
+            out[f"{unit}.psi"] = mod.psi
+        return out
+
+    def load_adapter_state_dict(self, model: nn.Module, config: WeGeFTConfig, state: dict[str, Tensor]) -> None:
+        params = self.adapter_state_dict(model, config)
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"state: WeGeFT adapter does not fit this model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        for key, p in params.items():
+            t = state[key]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"state: tensor {key!r} has shape {list(t.shape)}, the model's generator is {list(p.shape)}")
+        with torch.no_grad():
+            for key, p in params.items():
+                p.copy_(state[key].to(device=p.device, dtype=p.dtype))
+
+    def merge(self, model: nn.Module, config: WeGeFTConfig) -> None:
+        for _, mod in _adapted(model):
+            mod.merge()
+
+    def unmerge(self, model: nn.Module, config: WeGeFTConfig) -> None:
+        for _, mod in _adapted(model):
+            mod.unmerge()
