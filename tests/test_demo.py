@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from peftops import data, demo
+from peftops import data, demo, force_backend
 
 
 def test_rotten_tomatoes_split_by_movie():
@@ -25,7 +25,10 @@ def test_minilm_loads_real_weights():
 
 
 def test_demo_runs_every_method(tmp_path, capsys):
-    rc = demo.main(["--steps", "3", "--eval-size", "16", "--batch-size", "4", "--no-progress", "--out", str(tmp_path)])
+    # the CPU path a user gets (references); the kernels are checked against them in their own tests,
+    # and the interpreter is far too slow for a real 22M-parameter model
+    with force_backend("reference"):
+        rc = demo.main(["--steps", "3", "--eval-size", "16", "--batch-size", "4", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     rows = json.load(open(tmp_path / "results.json"))["rows"]
     assert [r["method"] for r in rows] == demo.DEFAULT_METHODS
