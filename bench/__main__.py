@@ -7,14 +7,13 @@ measured in the same run) and writes JSON + a PNG of the size sweeps under bench
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 
 import torch
 
-from .harness import FAMILIES, environment, format_table, measure_roofline, plot, run_case, to_json
+from .harness import environment, format_table, load_cases, measure_roofline, plot, run_case, to_json
 
 
 def main(argv=None) -> int:
@@ -47,15 +46,7 @@ def main(argv=None) -> int:
 
         return model_bench.main(device, quick=quick, out_dir=args.out)
 
-    cases = []
-    for fam in FAMILIES:
-        try:
-            mod = importlib.import_module(f"bench.{fam}")
-        except ModuleNotFoundError as e:
-            if e.name == f"bench.{fam}":
-                continue
-            raise
-        cases.extend(mod.cases(device, quick))
+    cases = load_cases(device, quick)
     if args.only:
         cases = [c for c in cases if any(o in c.name for o in args.only)]
     if args.list:

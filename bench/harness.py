@@ -147,6 +147,22 @@ def floor_us(res: Result, roof: dict[str, float]) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # running
 # ----------------------------------------------------------------------------------------------
+def load_cases(device: torch.device, quick: bool) -> list[Case]:
+    """Every case of every bench/<family>.py present (a family module that is missing is skipped)."""
+    import importlib
+
+    cases: list[Case] = []
+    for fam in FAMILIES:
+        try:
+            mod = importlib.import_module(f"{__package__}.{fam}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{fam}":
+                continue
+            raise
+        cases.extend(mod.cases(device, quick))
+    return cases
+
+
 def run_case(case: Case, device: torch.device, *, once: bool = False, compile_ref: bool = True) -> Result:
     inputs = case.make()
     times: dict[str, float] = {}

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .kernels import aot as K
 from .kernels._checks import INDEX_DTYPES, check_index_range, check_tensor
-from .model import AdapterConfig, Method, applied_configs, register_method
+from .model import AdapterConfig, Method, applied_configs, check_state_matches, register_method
 
 __all__ = [
     "aot_bias_add", "aot_table_grad", "aot_segment_plan", "AoTConfig", "AoTMethod", "AoTBias", "AoTLayerBias",
@@ -659,15 +659,8 @@ class AoTMethod(Method):
 
 def _load_reparam(owner: AoTBias, state: dict[str, Tensor]) -> None:
     own = dict(owner.named_parameters())
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise ValueError(f"state: AoT tensors do not match this model's {owner.config.reparam} reparameterisation "
-                         f"(missing {missing[:5]}, unexpected {extra[:5]})")
-    for k, p in own.items():
-        v = state[k]
-        if tuple(v.shape) != tuple(p.shape):
-            raise ValueError(f"state: {k!r} has shape {list(v.shape)}, this model needs {list(p.shape)} "
-                             f"(vocabulary {owner.vocab_size}, hidden {owner.hidden_size}, {owner.n_layers} layers)")
+    check_state_matches(own, state, f"AoT {owner.config.reparam} reparameterisation",
+                        f"vocabulary {owner.vocab_size}, hidden {owner.hidden_size}, {owner.n_layers} layers")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(state[k])

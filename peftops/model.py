@@ -24,7 +24,7 @@ from torch import nn
 __all__ = [
     "AdapterConfig", "Method", "register_method", "get_method", "apply", "save_adapter", "load_adapter",
     "merge", "unmerge", "adapter_state_dict", "trainable_summary", "find_target_modules",
-    "replace_module", "applied_configs",
+    "replace_module", "applied_configs", "check_state_matches",
 ]
 
 FORMAT_VERSION = 1
@@ -133,6 +133,19 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def check_state_matches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str,
+                        hint: str = "") -> None:
+    """Raise ValueError unless ``state`` has exactly ``expected``'s names, each with its shape.
+    ``what`` names the adapter in the message; ``hint`` says what the shapes depend on."""
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"state: {what} tensors do not fit this model (missing {missing[:5]}, unexpected {extra[:5]})")
+    for k, ref in expected.items():
+        if tuple(state[k].shape) != tuple(ref.shape):
+            raise ValueError(f"state: tensor {k!r} has shape {list(state[k].shape)}, this model needs "
+                             f"{list(ref.shape)}{f' ({hint})' if hint else ''}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import wegeft as K
-from .model import AdapterConfig, Method, find_target_modules, register_method, replace_module
+from .model import AdapterConfig, Method, check_state_matches, find_target_modules, register_method, replace_module
 
 __all__ = ["wegeft_linear", "WeGeFTLinear", "WeGeFTConfig", "WeGeFTMethod", "LLAMA_TARGETS", "BERT_TARGETS"]
 
@@ -408,14 +408,7 @@ class WeGeFTMethod(Method):
 
     def load_adapter_state_dict(self, model: nn.Module, config: WeGeFTConfig, state: dict[str, Tensor]) -> None:
         params = self.adapter_state_dict(model, config)
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"state: WeGeFT adapter does not fit this model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
-        for key, p in params.items():
-            t = state[key]
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"state: tensor {key!r} has shape {list(t.shape)}, the model's generator is {list(p.shape)}")
+        check_state_matches(params, state, "WeGeFT generator", "generators are [r, d_in] per target")
         with torch.no_grad():
             for key, p in params.items():
                 p.copy_(state[key].to(device=p.device, dtype=p.dtype))

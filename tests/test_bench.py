@@ -1,29 +1,18 @@
 """The bench/ cases through pytest-benchmark (``pytest --benchmark``), plus a CPU smoke run of the
 harness that always runs (so a broken case is caught in CI, not on the GPU day)."""
-import importlib
-
 import pytest
 import torch
 
 from helpers import load_bench
 
 load_bench()
-from bench.harness import FAMILIES, format_table, run_case, to_json  # noqa: E402
+from bench.harness import format_table, load_cases, run_case, to_json  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _all_cases(quick):
-    out = []
-    for fam in FAMILIES:
-        try:
-            mod = importlib.import_module(f"bench.{fam}")
-        except ModuleNotFoundError as e:
-            if e.name == f"bench.{fam}":
-                continue
-            raise
-        out.extend(mod.cases(DEVICE, quick))
-    return out
+def _all_cases(quick, device=DEVICE):
+    return load_cases(device, quick)
 
 
 _CASES = _all_cases(quick=DEVICE.type != "cuda")
@@ -51,7 +40,7 @@ def test_harness_smoke_on_cpu():
     from peftops.kernels import force_backend
 
     cases = {}
-    for c in _all_cases(quick=True):
+    for c in _all_cases(quick=True, device=torch.device("cpu")):
         cases.setdefault(c.name.split(".")[0], c)
     if not cases:
         pytest.skip("no bench family yet")
