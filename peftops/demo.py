@@ -63,7 +63,7 @@ def load_classifier(seed: int, device: torch.device, dtype: torch.dtype = torch.
 
     path = minilm_path()
     torch.manual_seed(seed)
-    encoder = transformers.AutoModel.from_pretrained(path, torch_dtype=dtype)
+    encoder = transformers.AutoModel.from_pretrained(path, dtype=dtype)
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = SentenceClassifier(encoder).to(device=device, dtype=dtype)
     return model, tok
@@ -293,7 +293,7 @@ def run_method(name, args, train, test, device, progress=True) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         bar.set_postfix(loss=f"{statistics.mean(losses[-10:]):.3f}")
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else mem / 2**20
     final = mem_now / 2**20  # last step's train state: where SAFE's freezing shows
