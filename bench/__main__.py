@@ -1,4 +1,5 @@
 """python -m bench [--only NAME] [--once] [--profile] [--quick] [--no-compile] [--out DIR]
+       python -m bench --model [--quick] [--model-config 1b|tiny] [--methods ...] [--grad-ckpt] ...
 
 Runs every case of bench/<family>.py on the available device (CUDA if present), prints a table
 (reference, torch.compile(reference), peftops, speedups, GB/s or TFLOP/s, % of the roofline
@@ -27,6 +28,18 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--list", action="store_true", help="list case names and exit")
+    mg = ap.add_argument_group("whole-model benchmark (--model, bench/model.py)")
+    mg.add_argument("--model-config", choices=["1b", "tiny"], default=None,
+                    help="Llama shape (default: 1b on CUDA, tiny with --quick or on CPU)")
+    mg.add_argument("--methods", default=None,
+                    help="comma list of full,lora,sift,aot,wegeft,wegeft+safe (default: all)")
+    mg.add_argument("--batch-size", type=int, default=None, help="sequences per step (1b default 4)")
+    mg.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (1b default 1024)")
+    mg.add_argument("--steps", type=int, default=None, help="timed steps per method (1b default 20)")
+    mg.add_argument("--warmup", type=int, default=None, help="untimed steps first (1b default 3)")
+    mg.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant) on every layer")
+    mg.add_argument("--model-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="weights dtype (default bf16)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -44,7 +57,12 @@ def main(argv=None) -> int:
             print("--model: the whole-model benchmark (bench/model.py) is not part of this version yet")
             return 2
 
-        return model_bench.main(device, quick=quick, out_dir=args.out)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        out_default = ap.get_default("out")
+        return model_bench.main(device, quick=quick, out_dir=None if args.out == out_default else args.out,
+                                config=args.model_config, methods=methods, batch_size=args.batch_size,
+                                seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+                                grad_ckpt=args.grad_ckpt, dtype=args.model_dtype)
 
     cases = load_cases(device, quick)
     if args.only:
