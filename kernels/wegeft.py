@@ -19,11 +19,10 @@ computes the same mask bit for bit.
 Two execution paths, chosen by the token count T (``choose_path``):
 
 - ``merged`` (large T): one kernel builds W' (and, in the backward, B) in a single sweep over W's
-  rows; the dense product is a cuBLAS GEMM against the N-concatenated operand: forward
-  x · [W' ; Ψ]ᵀ = [y | u], backward G · [W' | B] = [dx | v]. The low-rank side products ride along
-  as r extra output columns (+r/d FLOPs, no extra pass over x or G). y and dx are therefore column
-  slices of a [T, d + r (padded to 8)] buffer: row stride d + r, last stride 1 (views splitting or
-  merging the leading dims work; ``.view(-1)`` does not).
+  rows; the dense product is a cuBLAS GEMM against W' into a contiguous output (y = x W'ᵀ + b,
+  dx = G W', nn.Linear's layout), and the thin side products u = x Ψᵀ, v = G B come from the thin
+  Triton GEMM (one extra read of x or G: cheaper than copying a [T, d + r] buffer's column slice
+  out, which an N-concatenated [W' ; Ψ] GEMM would need for a contiguous y).
 - ``fused`` (small T): a Triton GEMM over the K-concatenation [x | u] · [W | B]ᵀ (forward) and
   [G | v] · [W ; Ψ] (backward), so W' is never materialised; u and v come from thin Triton GEMMs.
 
@@ -599,10 +598,7 @@ def _triton_ok(t: torch.Tensor, r: int) -> bool:
 
 
 def output_layout(tokens: int, d_out: int, r: int, path: str, triton_path: bool):
-    """(row stride of y, its buffer width): the merged Triton path returns y as a column slice."""
-    if triton_path and path == "merged":
-        width = _round_up(d_out + r, _ALIGN)
-        return width, width
+    """(row stride of y, its buffer width): y is contiguous [T, d_out] on every path."""
     return d_out, d_out
 
 
@@ -650,18 +646,14 @@ def wegeft_forward(x, weight, bias, phi, psi, scaling, *, dropout_p=0.0, seed=0,
     eff = float(scaling) * dropout_keep_scale(dropout_p)
     thresh = dropout_threshold(dropout_p)
     if path == "merged":
-        width, _ = output_layout(t, d_out, r, path, True)
-        wcat = _new((width, d_in), weight.dtype, weight.device)  # [W' ; Ψ ; 0]
+        # y into its own contiguous [T, d_out] (nn.Linear's layout; a GEMM widened by Ψ's r rows would
+        # return a column slice), u by the thin kernel: one extra read of x, no copy of y.
+        w_merged = _new((d_out, d_in), weight.dtype, weight.device)
         if d_out:
-            _launch_generate(weight, phi, psi, eff, w_out=wcat[:d_out], seed=seed, thresh=thresh)
-        wcat[d_out:d_out + r].copy_(psi)
-        wcat[d_out + r:].zero_()
-        if bias is not None:
-            bias_cat = torch.cat([bias, bias.new_zeros(width - d_out)])
-            buf = torch.addmm(bias_cat, x, wcat.t())
-        else:
-            buf = torch.mm(x, wcat.t())
-        return buf[:, :d_out], buf[:, d_out:d_out + r].contiguous()
+            _launch_generate(weight, phi, psi, eff, w_out=w_merged, seed=seed, thresh=thresh)
+        y = torch.addmm(bias, x, w_merged.t()) if bias is not None else torch.mm(x, w_merged.t())
+        u = _launch_thin_right(x, psi.t(), _new((t, r), x.dtype, x.device))
+        return y, u
     u = _launch_thin_right(x, psi.t(), _new((t, r), x.dtype, x.device))
     b_gen = _new((d_out, r), weight.dtype, weight.device)
     if d_out:
@@ -712,15 +704,13 @@ def wegeft_backward(grad, x, u, weight, phi, psi, scaling, *, dropout_p=0.0, see
 
     v = None
     if need_dx and path == "merged":
-        if need_dpsi:  # G · [W' | B] = [dx | v]
-            width = _round_up(d_in + r, _ALIGN)
-            wcat = _new((d_out, width), weight.dtype, weight.device)
+        if need_dpsi:  # W' and B from one sweep; dx = G W' contiguous, v = G B by the thin kernel
+            w_merged = _new((d_out, d_in), weight.dtype, weight.device)
+            b_gen = _new((d_out, r), weight.dtype, weight.device)
             if d_out:
-                _launch_generate(weight, phi, psi, eff, b_out=wcat[:, d_in:d_in + r], w_out=wcat[:, :d_in],
-                                 seed=seed, thresh=thresh)
-            wcat[:, d_in + r:].zero_()
-            buf = torch.mm(grad, wcat)
-            dx, v = buf[:, :d_in], buf[:, d_in:d_in + r]
+                _launch_generate(weight, phi, psi, eff, b_out=b_gen, w_out=w_merged, seed=seed, thresh=thresh)
+            dx = torch.mm(grad, w_merged)
+            v = _launch_thin_right(grad, b_gen, _new((t, r), grad.dtype, grad.device))
         else:
             w_merged = _new((d_out, d_in), weight.dtype, weight.device)
             if d_out:

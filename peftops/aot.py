@@ -428,6 +428,7 @@ class AoTBias(nn.Module):
             raise ValueError(f"tables: hidden size {d} does not match the model's {self.hidden_size} "
                              f"(shape {list(tables.shape)})")
         device = self._embedding[0].weight.device
+        self._merge_stash = None  # explicit tables replace whatever peftops.merge kept aside
         self._drop_reparam()
         self.tables = tables.to(device).contiguous()
         self.compiled = True
@@ -647,14 +648,36 @@ class AoTMethod(Method):
         _load_reparam(owner, state)
 
     def merge(self, model: nn.Module, config: AoTConfig) -> None:
+        """Serve from the compiled tables; the reparameterisation is kept aside (same Parameter
+        objects) so ``unmerge`` can go back to training (``compile_aot_tables`` drops it for good)."""
         owner = get_aot(model)
         if not owner.compiled:
             dtype = _DTYPES[config.table_dtype] if config.table_dtype else None
-            owner.set_tables(owner.materialize(dtype))
+            tables = owner.materialize(dtype)
+            stash = (dict(owner._parameters), [dict(unit._parameters) for unit in owner.layers],
+                     (config.n_tasks, config.table_dtype))
+            owner.set_tables(tables)
+            owner._merge_stash = stash
 
     def unmerge(self, model: nn.Module, config: AoTConfig) -> None:
-        raise ValueError("model: AoT cannot be unmerged: merging compiled the input-dependent bias into tables "
-                         "and dropped the reparameterisation; reload the adapter to train again")
+        owner = get_aot(model)
+        stash = getattr(owner, "_merge_stash", None)
+        if stash is None:
+            if not owner.compiled:
+                return
+            raise ValueError("model: AoT cannot be unmerged: its tables were compiled (compile_aot_tables) or loaded "
+                             "compiled, without a reparameterisation to go back to; reload a reparameterised adapter "
+                             "to train again")
+        shared, per_layer, (n_tasks, table_dtype) = stash
+        owner.tables = None
+        for name, p in shared.items():
+            owner.register_parameter(name, p)
+        for unit, params in zip(owner.layers, per_layer):
+            for name, p in params.items():
+                unit.register_parameter(name, p)
+        owner.compiled = owner.config.compiled = False
+        owner.config.n_tasks, owner.config.table_dtype = n_tasks, table_dtype
+        owner._merge_stash = None
 
 
 def _load_reparam(owner: AoTBias, state: dict[str, Tensor]) -> None:

@@ -163,9 +163,12 @@ def apply(model: nn.Module, config: AdapterConfig, *, freeze_base: bool = True) 
     method = get_method(config.method)
     if any(c.method == config.method for c in applied_configs(model)):
         raise ValueError(f"config: method {config.method!r} is already applied to this model")
-    if freeze_base:
+    if freeze_base:  # the base, not the adapters of methods applied before this one
+        adapters = {id(p) for m in model.modules() if getattr(type(m), "peftops_adapter", False)
+                    for p in m.adapter_parameters()}
         for p in model.parameters():
-            p.requires_grad_(False)
+            if id(p) not in adapters:
+                p.requires_grad_(False)
     method.apply(model, config)
     model._peftops_configs = applied_configs(model) + [config]
     return model
@@ -211,7 +214,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     meta = {
         "format_version": FORMAT_VERSION,
         "peftops_version": __version__,
-        "base_model_class": type(model).__name__,
+        "base_model_class": type(getattr(model, "_orig_mod", model)).__name__,  # torch.compile'd: the model
         "adapters": [c.to_dict() for c in applied_configs(model)],
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in state.items()},
     }
@@ -274,6 +277,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, freeze_base:
         prefix = f"{cfg.method}::"
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         method.load_adapter_state_dict(model, cfg, sub)
+    # Last, so a method's own (more specific) check speaks first; shapes can coincide across models.
+    saved_cls, cls = meta.get("base_model_class"), type(getattr(model, "_orig_mod", model)).__name__
+    if saved_cls and saved_cls != cls:
+        raise ValueError(f"model: the adapter in {directory!s} was saved from a {saved_cls}, this model is a {cls} "
+                         "(a different base model)")
     return model
 
 

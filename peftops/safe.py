@@ -278,6 +278,18 @@ class SavedTensorMeter:
 # ----------------------------------------------------------------------------------------------
 # The controller
 # ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("peftops::safe_linear_cka", mutates_args=())
+def _cka_op(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """linear_cka as one opaque op, so a measuring forward traces under torch.compile(fullgraph=True)
+    (the kernel dispatch reads Python state that dynamo cannot trace)."""
+    return linear_cka(x, y, mask)
+
+
+@_cka_op.register_fake
+def _(x, y, mask):
+    return x.new_empty((), dtype=torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32)
+
+
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -654,6 +666,8 @@ class SAFE:
     def _measuring(module) -> bool:
         # Not under grad-mode checks: reentrant activation checkpointing runs the real forward
         # under no_grad. Its recomputation (inside backward) is skipped: it would measure twice.
+        if torch.compiler.is_compiling():  # a compiled graph's recomputation never reruns module hooks
+            return module.training
         return module.training and not _in_backward()
 
     def _make_pre(self, unit: AdapterUnit):
@@ -695,7 +709,8 @@ class SAFE:
                 narrow = x2.dtype if x2.element_size() < y2.element_size() else y2.dtype
                 x2, y2 = x2.to(narrow), y2.to(narrow)
             try:
-                cka = linear_cka(x2, y2, m)  # 0-dim, stays on the device until the step ends
+                # 0-dim, stays on the device until the step ends
+                cka = _cka_op(x2, y2, m) if torch.compiler.is_compiling() else linear_cka(x2, y2, m)
             except Exception as e:  # never break training over a measurement
                 self._failed.add(name)
                 warnings.warn(f"SAFE: cannot measure {name} ({type(e).__name__}: {e}); it will not be scored",

@@ -331,6 +331,7 @@ class SIFTLinear(nn.Module):
         self._calibrating = False
         _DELTA_OWNERS[self.delta] = weakref.ref(self)
         _install_optimizer_hook()
+        self._own_params = (self.weight, self.delta)  # see _check_params_not_swapped
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -415,6 +416,7 @@ class SIFTLinear(nn.Module):
             self.delta.grad = grad.to(device=dev, dtype=acc)
         _DELTA_OWNERS[self.delta] = weakref.ref(self)
         self._synced_version = -1
+        self._own_params = (self.weight, self.delta)
         return out
 
     def __setstate__(self, state):
@@ -437,6 +439,21 @@ class SIFTLinear(nn.Module):
             self.rows.copy_(rows)
             self.cols.copy_(cols)
         self._synced_version = -1
+        self._own_params = (self.weight, self.delta)  # load_state_dict(assign=True) swaps them legitimately
+
+    def _check_params_not_swapped(self) -> None:
+        """FSDP2's fully_shard swaps a module's Parameters for sharded DTensors (and, in forward, for
+        all-gathered copies). SIFT's merged-in-place weight cannot survive that: the weight is re-gathered
+        from shards that never saw δ, and δ is gathered without moving its version counter, so training
+        would silently run on W0. Fail loudly instead (docs/distributed.md)."""
+        weight, delta = self._own_params
+        if self._parameters["weight"] is not weight or self._parameters["delta"] is not delta:
+            raise RuntimeError(
+                "SIFTLinear: its weight/delta Parameters were replaced by other objects, as FSDP2's fully_shard "
+                "does. SIFT keeps W0 + δ merged in the weight in place, which sharded parameters re-gathered every "
+                "forward/backward lose (training would silently use W0). Keep every SIFT layer's weight and delta "
+                "out of the FSDP groups (fully_shard(..., ignored_params=...)) and all-reduce δ's gradient, or use "
+                "DDP (docs/distributed.md)")
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -453,8 +470,10 @@ class SIFTLinear(nn.Module):
             # δ's version counter cannot be read in a graph; the k-sized rewrite is cheap and idempotent.
             with torch.no_grad():
                 _scatter_merged_op(self.weight, self.indices, self.w0_sel, self.delta.detach())
-        elif self.delta._version != self._synced_version:
-            self.resync_()
+        else:
+            self._check_params_not_swapped()
+            if self.delta._version != self._synced_version:
+                self.resync_()
         if self._calibrating or not (torch.is_grad_enabled() and (self.delta.requires_grad or x.requires_grad)):
             return F.linear(x, self.weight, self.bias)  # no δ gradient to route: the plain GEMM
         return _sift_linear_merged_op(x, self.weight, self.bias, self.delta, self.rows, self.cols)
@@ -796,6 +815,12 @@ class SIFTMethod(_model.Method):
         targets = config.target_modules
         if targets is None:
             targets = LLAMA_TARGETS if _model.find_target_modules(model, LLAMA_TARGETS) else BERT_TARGETS
+        taken = [(n, type(m).__name__) for n, m in model.named_modules()
+                 if n and getattr(type(m), "peftops_adapter", False) and any(n == t or n.endswith("." + t) for t in targets)]
+        if taken:
+            raise ValueError(f"target_modules: {[n for n, _ in taken[:3]]} already adapted by another peftops method "
+                             f"({taken[0][1]}); two weight adapters on one linear do not compose: give SIFT "
+                             "target_modules disjoint from the other method's")
         found = _model.find_target_modules(model, targets)
         if not found:
             raise ValueError(f"target_modules: no nn.Linear in {type(model).__name__} matches {targets}")
@@ -810,6 +835,7 @@ class SIFTMethod(_model.Method):
                 raise ValueError(f"model: SIFT layer {name!r} has no index set yet; run sift_calibrate before saving")
             out[f"{name}.indices"] = layer.indices
             out[f"{name}.delta"] = layer.delta.detach()
+            out[f"{name}.weight_shape"] = torch.tensor(list(layer.weight.shape), dtype=torch.int64)
         return out
 
     def load_adapter_state_dict(self, model: nn.Module, config: SIFTConfig, state: dict[str, torch.Tensor]) -> None:
@@ -817,12 +843,16 @@ class SIFTMethod(_model.Method):
         if any(_MERGED_KEY in m.__dict__ for m in model.modules()):
             raise ValueError("model: SIFT is merged; peftops.unmerge(model) before loading an adapter")
         by_module: dict[str, dict[str, torch.Tensor]] = {}
+        shapes: dict[str, torch.Tensor] = {}  # '<module>.weight_shape' (optional: older adapters lack it)
         for key, t in state.items():
             mod, _, field = key.rpartition(".")
-            if field not in ("indices", "delta") or not mod:
+            if field not in ("indices", "delta", "weight_shape") or not mod:
                 raise ValueError(f"state: unexpected SIFT tensor {key!r} (expected '<module>.indices' / '<module>.delta')")
-            by_module.setdefault(mod, {})[field] = t
-        unknown = sorted(set(by_module) - set(layers))
+            if field == "weight_shape":
+                shapes[mod] = t
+            else:
+                by_module.setdefault(mod, {})[field] = t
+        unknown = sorted((set(by_module) | set(shapes)) - set(layers))
         if unknown:
             raise ValueError(f"state: the adapter has tensors for modules this model has no SIFT layer for: {unknown[:5]} "
                              f"(different base model or target_modules?)")
@@ -852,6 +882,11 @@ class SIFTMethod(_model.Method):
             if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise ValueError(f"state: {mod}.indices must be strictly ascending (sorted, unique)")
             checked[mod] = (idx, delta)
+        for mod, shape in shapes.items():  # indices that fit another weight's range may still be wrong
+            want = list(layers[mod].weight.shape)
+            if shape.tolist() != want:
+                raise ValueError(f"state: the adapter's {mod} was trained on a weight of shape {shape.tolist()}, this "
+                                 f"model's is {want} (a different base model?)")
         for mod, (idx, delta) in checked.items():  # nothing is touched until every tensor checked out
             layer = layers[mod]
             layer.set_indices(idx)

@@ -10,10 +10,7 @@
 - ``WeGeFTConfig`` / ``WeGeFTMethod``: ``peftops.apply(model, WeGeFTConfig())`` adapts the q, k, v,
   up, down projections with one (Φ, Ψ) per projection type shared across layers (or per layer).
 
-Output layout: for large token counts on the GPU path the op returns y as a column slice of a
-[T, d_out + r] buffer (row stride d_out + r padded to 8; see kernels/wegeft.py). Ops that split or
-merge leading dims (``.view(B, S, H, hd)``, ``.view(-1, d_out)``) and all elementwise ops work on
-it; call ``.contiguous()`` before flattening the last dim into others.
+Output layout: y (and dx) are contiguous on every path, like nn.Linear's.
 """
 from __future__ import annotations
 
@@ -85,12 +82,7 @@ def _(grad, x, u, weight, phi, psi, scaling, dropout_p, seed, path, needs):
     empty = grad.new_empty(_EMPTY_SHAPE)
     dx = empty.clone()
     if need_dx:
-        tri = K._triton_ok(grad, r)
-        merged = tri and K._resolve_path(path, t, d_out, d_in) == "merged"
-        if merged and need_dpsi:  # [dx | v] share one buffer (kernels/wegeft.py)
-            dx = grad.new_empty((t, K._round_up(d_in + r, K._ALIGN)))[:, :d_in]
-        else:
-            dx = grad.new_empty((t, d_in))
+        dx = grad.new_empty((t, d_in))
     dphi = phi.new_empty(phi.shape) if need_dphi else empty.clone()
     dpsi = psi.new_empty(psi.shape) if need_dpsi else empty.clone()
     db = grad.new_empty((d_out,)) if need_db else empty.clone()
@@ -329,7 +321,8 @@ def _suffix_match(name: str, target: str) -> bool:
 def _resolve_targets(model: nn.Module, config: WeGeFTConfig) -> None:
     if config.target_modules is not None:
         return
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # layers another method already adapted count too (apply then names the conflict)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or getattr(type(m), "peftops_adapter", False)]
     if any(_suffix_match(n, "q_proj") for n in names):
         config.target_modules = list(LLAMA_TARGETS)
     elif any(_suffix_match(n, "query") for n in names):
@@ -370,6 +363,15 @@ class WeGeFTMethod(Method):
 
     def apply(self, model: nn.Module, config: WeGeFTConfig) -> None:
         _resolve_targets(model, config)
+        exclude = config.exclude_modules or []
+        taken = [(n, type(m).__name__) for n, m in model.named_modules()
+                 if n and getattr(type(m), "peftops_adapter", False)
+                 and any(_suffix_match(n, t) for t in config.target_modules)
+                 and not any(_suffix_match(n, e) for e in exclude)]
+        if taken:
+            raise ValueError(f"target_modules: {[n for n, _ in taken[:3]]} already adapted by another peftops method "
+                             f"({taken[0][1]}); two weight adapters on one linear do not compose: give WeGeFT "
+                             "target_modules disjoint from the other method's")
         found = _targets(model, config)
         if not found:
             raise ValueError(f"target_modules: no nn.Linear in {type(model).__name__} matches {config.target_modules}"

@@ -348,15 +348,21 @@ def test_load_task_tables_from_saved_adapters(tmp_path):
         assert_close(mixed[tasks == k], singles[k][tasks == k], scale=10.0)
 
 
-def test_merge_compiles_and_unmerge_raises():
+def test_merge_compiles_and_unmerge_returns_to_the_reparameterisation():
     ids = ids_for(V_LLAMA)
     model = peftops.apply(llama(), AoTConfig(reparam="kron", rank=4, table_dtype="float32"))
     randomize(model)
     want = logits(model, ids)
+    params = dict(aot.get_aot(model).named_parameters())
     peftops.merge(model)
     owner = aot.get_aot(model)
     assert owner.compiled and owner.tables.dtype == torch.float32
     assert_close(logits(model, ids), want, scale=10.0)
+    peftops.unmerge(model)  # the same Parameter objects train again
+    assert not owner.compiled and owner.tables is None
+    assert {k: id(p) for k, p in owner.named_parameters()} == {k: id(p) for k, p in params.items()}
+    torch.testing.assert_close(logits(model, ids), want, atol=0, rtol=0)
+    aot.compile_aot_tables(model)  # drops the reparameterisation for good
     with pytest.raises(ValueError, match="cannot be unmerged"):
         peftops.unmerge(model)
 

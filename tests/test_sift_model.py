@@ -222,7 +222,7 @@ def test_save_load_merge_unmerge(kind, tmp_path):
     assert meta["adapters"][0]["method"] == "sift" and meta["adapters"][0]["density"] == DENSITY
     state = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
     layers = dict(sift_layers(model))
-    assert set(state) == {f"sift::{n}.{f}" for n in layers for f in ("indices", "delta")}
+    assert set(state) == {f"sift::{n}.{f}" for n in layers for f in ("indices", "delta", "weight_shape")}
     for n, layer in layers.items():
         assert state[f"sift::{n}.indices"].dtype == torch.int64 and state[f"sift::{n}.delta"].dtype == torch.float32
 
