@@ -22,6 +22,8 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftops_backend", default=None)
+# set only by kernels/_compile_check.py while it records launches on CPU tensors (nothing executes)
+_CAPTURING: contextvars.ContextVar[bool] = contextvars.ContextVar("peftops_capturing", default=False)
 BACKENDS = ("reference", "triton")
 
 
@@ -36,7 +38,7 @@ def triton_runs_on(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return not interpreting()
-    return device.type == "cpu" and interpreting()
+    return device.type == "cpu" and (interpreting() or _CAPTURING.get())
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -78,6 +80,17 @@ def autotune(configs, key, interpret_config=None, **kwargs):
     if interpreting():
         configs = [interpret_config or configs[0]]
     return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+@contextlib.contextmanager
+def capturing_launches():
+    """Inside the block CPU tensors take the Triton path, so the compile check can record what the
+    launchers would launch on a GPU (the kernel objects' ``run`` is replaced by a recorder there)."""
+    token = _CAPTURING.set(True)
+    try:
+        yield
+    finally:
+        _CAPTURING.reset(token)
 
 
 class CompileSpec:
