@@ -1,5 +1,6 @@
 """python -m bench [--only NAME] [--once] [--profile] [--quick] [--no-compile] [--out DIR]
        python -m bench --model [--quick] [--model-config 1b|tiny] [--methods ...] [--grad-ckpt] ...
+       python -m bench.gpu_run --out DIR [--budget-s 480]   (tests + these + --model + static report, one budget)
 
 Runs every case of bench/<family>.py on the available device (CUDA if present), prints a table
 (reference, torch.compile(reference), peftops, speedups, GB/s or TFLOP/s, % of the roofline

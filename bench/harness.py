@@ -49,6 +49,7 @@ class Result:
     flops: float | None
     sweep: tuple[str, float] | None
     note: str = ""
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> "Type: first line" of a failed path
 
     def speedup(self, base: str = "reference") -> float | None:
         t, b = self.times_us.get("peftops"), self.times_us.get(base)
@@ -147,12 +148,13 @@ def floor_us(res: Result, roof: dict[str, float]) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # running
 # ----------------------------------------------------------------------------------------------
-def load_cases(device: torch.device, quick: bool) -> list[Case]:
-    """Every case of every bench/<family>.py present (a family module that is missing is skipped)."""
+def load_cases(device: torch.device, quick: bool, families: list[str] | None = None) -> list[Case]:
+    """Every case of every bench/<family>.py present (a family module that is missing is skipped);
+    ``families``: only those modules (default: all of FAMILIES)."""
     import importlib
 
     cases: list[Case] = []
-    for fam in FAMILIES:
+    for fam in FAMILIES if families is None else [f for f in FAMILIES if f in families]:
         try:
             mod = importlib.import_module(f"{__package__}.{fam}")
         except ModuleNotFoundError as e:
@@ -167,8 +169,13 @@ def run_case(case: Case, device: torch.device, *, once: bool = False, compile_re
     inputs = case.make()
     times: dict[str, float] = {}
     peaks: dict[str, float] = {}
+    errors: dict[str, str] = {}
     paths: dict[str, Callable[[dict], Any]] = {"reference": case.reference}
     if compile_ref and case.compile_reference:
+        # The cases of one op share their reference's code object (a lambda made per case): dynamo caches per
+        # code object and stops compiling after config.recompile_limit (8) shapes, silently timing eager
+        # for the rest of a sweep. A reset per case compiles each case afresh.
+        torch._dynamo.reset()
         paths["compiled"] = torch.compile(case.reference, dynamic=False)
     paths["peftops"] = case.peftops
     for label, fn in paths.items():
@@ -178,12 +185,14 @@ def run_case(case: Case, device: torch.device, *, once: bool = False, compile_re
                 peaks[label] = peak_memory_mib(lambda: fn(inputs), device)
         except Exception as e:  # a failed baseline is reported, not fatal
             times[label] = float("nan")
-            print(f"  [{case.name}] {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            first = str(e).splitlines()[0][:160] if str(e) else ""
+            errors[label] = f"{type(e).__name__}: {first}"
+            print(f"  [{case.name}] {label} failed: {errors[label]}")
     del inputs
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Result(case.name, case.shape, times, peaks, case.bytes, case.flops, case.sweep, case.note)
+    return Result(case.name, case.shape, times, peaks, case.bytes, case.flops, case.sweep, case.note, errors)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
