@@ -64,11 +64,22 @@ def test_variants_are_what_the_jit_specializes():
 @pytest.mark.parametrize("args, message", [
     (["nosuchfamily"], "unknown kernel family nosuchfamily"),
     (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--budget-s", "0"], "--budget-s must be > 0"),
 ])
 def test_bad_arguments_get_a_message_not_a_traceback(args, message):
     r = _check(*args, timeout=120)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_triton
+def test_a_budget_that_runs_out_writes_a_partial_report(tmp_path):
+    out = tmp_path / "partial.json"
+    r = _check("sift", "--budget-s", "1", "--jobs", "1", "--json", str(out), timeout=600)
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "partial report" in r.stderr and "Traceback" not in r.stderr
+    s = json.loads(out.read_text())["summary"]
+    assert s["partial"] is True and s["not_compiled"] > 0 and s["variants"] > s["not_compiled"] - 1
 
 
 def test_refuses_to_run_under_the_interpreter():
