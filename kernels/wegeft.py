@@ -100,11 +100,21 @@ if HAS_TRITON:
     # exactly-upcast fp32 operands (the tensor-core numerics: exact products, fp32 sums) and downcasts
     # round to nearest even by bit arithmetic (what .to(tl.bfloat16) does on the GPU).
     @triton.jit
+    def _bf16_rne_bits(bits):
+        """uint32 fp32 bit patterns -> uint16 bf16 bit patterns, round to nearest even (torch's and the
+        GPU's fp32 -> bf16 cast). A NaN becomes the canonical NaN 0x7FFF, as cvt.rn.bf16.f32 gives on
+        the GPU: adding the rounding bias to a NaN's mantissa would carry into the exponent and sign
+        (0x7FFFFFFF -> 0x8000 = -0, 0x7FFF8000 -> +Inf). ±Inf, ±0, subnormals, ties and the overflow
+        of values past the largest finite bf16 to ±Inf all come out of the integer rounding."""
+        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        return tl.where(is_nan, 0x7FFF, rounded).to(tl.uint16)
+
+    @triton.jit
     def _cvt(x, dst: tl.constexpr, INTERP_BF16: tl.constexpr):
         if INTERP_BF16 and dst == tl.bfloat16:
             bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
-            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            return _bf16_rne_bits(bits).to(tl.bfloat16, bitcast=True)
         else:
             return x.to(dst)
 
@@ -115,7 +125,9 @@ if HAS_TRITON:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if IS_FP64:
-            return tl.dot(a, b, acc)
+            # out_dtype explicit: triton 3.6/3.7 default it to fp32 and then reject an fp64 accumulator
+            # (3.8+ infer it from acc); every version accepts it spelled out
+            return tl.dot(a, b, acc, out_dtype=tl.float64)
         elif a.dtype == tl.float32:  # fp32 models get fp32 products, as torch's default matmul does
             return tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -244,23 +256,35 @@ if HAS_TRITON:
         if HAS_COLSUM:
             tl.store(COLSUM + pid_s.to(tl.int64) * N + cols, csum, mask=cmask)
 
+    # The K-concat GEMM's BK splits its K loop: it fixes the summation order of every output, so it
+    # is one value per operand class and the autotuner picks only the tile (BM, BN), GROUP_M, warps and
+    # stages, which leave each output's sum in the same order (results do not depend on which config
+    # wins, in one process or across processes that tuned differently).
+    _KCAT_BK = {"16bit": 64,   # bf16/fp16 operands on tensor cores
+                "fp32": 32}    # fp32 (fp64) operands: ieee dots on CUDA cores (BK = 64 spilled at 128 x 64)
+
     def _kcat_configs():
         c = triton.Config
+        bk, bk32 = _KCAT_BK["16bit"], _KCAT_BK["fp32"]
         return [
-            c({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            c({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-            c({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            c({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            c({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            c({"BM": 64, "BN": 64, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=3),
-            c({"BM": 16, "BN": 128, "BK": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),  # few tokens
+            c({"BM": 128, "BN": 256, "BK": bk, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            c({"BM": 128, "BN": 128, "BK": bk, "GROUP_M": 8}, num_warps=8, num_stages=4),
+            c({"BM": 128, "BN": 128, "BK": bk, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            c({"BM": 64, "BN": 128, "BK": bk, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            c({"BM": 128, "BN": 64, "BK": bk, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            c({"BM": 64, "BN": 64, "BK": bk, "GROUP_M": 8}, num_warps=4, num_stages=3),
+            c({"BM": 16, "BN": 128, "BK": bk, "GROUP_M": 1}, num_warps=4, num_stages=4),  # few tokens
+            # fp32 operands: tiles whose fp32 operands fit the registers (no spills on sm_90 in the
+            # aligned and the odd-shape variants; 128 x 64 and 64 x 64 with 4 warps spill)
+            c({"BM": 64, "BN": 64, "BK": bk32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            c({"BM": 32, "BN": 64, "BK": bk32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+            c({"BM": 16, "BN": 128, "BK": bk32, "GROUP_M": 1}, num_warps=4, num_stages=4),  # few tokens
         ]
 
     def _prune_kcat(configs, named_args, **kwargs):
-        """fp32/fp64 dots run on CUDA cores (ieee): keep the tiles whose fp32 operands fit the registers."""
-        if named_args["A1"].dtype in (torch.float32, torch.float64):
-            return [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 128 * 64] or configs[-1:]
-        return configs
+        """The configs of the operand class: its BK (one K order) and, for fp32/fp64, its tiles."""
+        cls = "fp32" if named_args["A1"].dtype in (torch.float32, torch.float64) else "16bit"
+        return [c for c in configs if c.kwargs["BK"] == _KCAT_BK[cls]] or configs  # or: the interpreter's one
 
     @autotune(
         _kcat_configs(),
@@ -371,6 +395,7 @@ def _launch_generate(weight, phi, psi, eff_scale, *, b_out=None, w_out=None, see
         float(eff_scale), int(seed), int(thresh),
         BM=bm, BK=bk, BN=bn, RP=rp, STORE_B=b_out is not None, MERGE=w_out is not None,
         DROPOUT=thresh > 0, IS_FP64=_is64(weight), INTERP_BF16=_upcast(weight), num_warps=warps,
+        enable_fp_fusion=True,  # GEMM (B = s·WΦᵀ, then W + BΨ): FMA only adds accuracy; no bitwise claim
     )
 
 
@@ -385,6 +410,7 @@ def _launch_thin_right(m, rmat, out):
     _thin_right_kernel[(triton.cdiv(t, bt),)](
         m, rmat, out, t, k, r, m.stride(0), m.stride(1), rmat.stride(0), rmat.stride(1),
         out.stride(0), out.stride(1), BT=bt, BK=bk, RP=rp, IS_FP64=_is64(m), INTERP_BF16=_upcast(m), num_warps=4,
+        enable_fp_fusion=True,  # thin GEMM: FMA only adds accuracy
     )
     return out
 
@@ -411,6 +437,7 @@ def _launch_thin_reduce(a, m, *, colsum=False, seed=0, thresh=0):
         a, m, ws, cs, k, n, r, k_per_split,
         a.stride(0), a.stride(1), m.stride(0), m.stride(1), int(seed), int(thresh),
         BK=bk, BN=bn, RP=rp, DROPOUT=thresh > 0, HAS_COLSUM=colsum, IS_FP64=_is64(m), INTERP_BF16=_upcast(m), num_warps=4,
+        enable_fp_fusion=True,  # split-K GEMM + column sums: FMA only adds accuracy
     )
     out = ws[:, :r].sum(0) if splits > 1 else ws[0, :r]
     return out, (cs.sum(0) if colsum else None)
@@ -434,6 +461,7 @@ def _launch_kcat(a1, b1, a2, b2, bias, out):
         a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
         out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, IS_FP64=_is64(a1), INTERP_BF16=_upcast(a1),
+        enable_fp_fusion=True,  # GEMM: FMA only adds accuracy (passed through the autotuner to the JIT)
     )
     return out
 
