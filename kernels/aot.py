@@ -11,8 +11,9 @@ out-of-bounds read, and the dispatching functions raise a clear error before any
 
 Backward into the table: ``dP[r] = sum_{n: row(n) = r} dY[n]``. The flat table rows of the tokens
 are sorted once (stable) into a *segment plan*; one program per (segment, column block) sums the
-segment's gradient rows in a fixed order in fp32: deterministic, no atomics, and only the rows
-that occur are written. Segments are launched longest first, so a Zipf-heavy id does not become
+segment's gradient rows one after the other in plan order in fp32 (the same order, hence the same
+bits, whichever autotune config runs): deterministic, no atomics, and only the rows that occur
+are written. Segments are launched longest first, so a Zipf-heavy id does not become
 the tail of the launch.
 
 Plan layout (int64, one tensor so it travels through custom ops): for N tokens and U distinct rows
@@ -92,15 +93,23 @@ if HAS_TRITON:
             s = h.to(tl.float32) + p.to(tl.float32)
         tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], s.to(out_ptr.dtype.element_ty), mask=mask)
 
+    # The segment sum adds the gradient rows one by one, in plan order, into a [BLOCK_D]
+    # accumulator: every column's summation order is the plan's, whatever config the autotuner
+    # picks (two processes may pick different ones), so the result is bitwise the same. A 2-D
+    # [BLOCK_R, BLOCK_D] accumulator reduced over its rows at the end would make the order (and
+    # the last bits) depend on BLOCK_R and, on the GPU, on the reduction's layout (BLOCK_D, warps).
+    # BLOCK_R is the number of rows loaded per step (an unrolled loop: loads in flight), kept at
+    # one value anyway; only the column block and the warps are tuned.
+    _SEGMENT_ROWS = 8
     _SEGMENT_SUM_CONFIGS = [
-        triton.Config({"BLOCK_R": r, "BLOCK_D": c}, num_warps=w)
-        for r, c, w in [(16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 256, 8), (8, 512, 4), (64, 64, 4)]
+        triton.Config({"BLOCK_R": _SEGMENT_ROWS, "BLOCK_D": c}, num_warps=w)
+        for c, w in [(128, 1), (256, 2), (512, 4), (1024, 8), (2048, 8)]  # (1024, 4) made ptxas spill
     ]
 
     @autotune(
         configs=_SEGMENT_SUM_CONFIGS,
         key=["d"],
-        interpret_config=triton.Config({"BLOCK_R": 8, "BLOCK_D": 64}),
+        interpret_config=triton.Config({"BLOCK_R": _SEGMENT_ROWS, "BLOCK_D": 64}),
     )
     @triton.jit
     def _segment_sum_kernel(
@@ -122,23 +131,32 @@ if HAS_TRITON:
         cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < d
         if ACC_FP64:
-            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float64)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float64)
         else:
-            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        seg = plan_ptr + start
         for k in range(0, count, BLOCK_R):
-            j = k + tl.arange(0, BLOCK_R)
-            j_ok = j < count
-            src = tl.load(plan_ptr + start + j, mask=j_ok, other=0)
-            g = tl.load(g_ptr + src[:, None] * stride_g + cols[None, :], mask=j_ok[:, None] & col_ok[None, :],
-                        other=0.0, eviction_policy="evict_first")
-            acc += g.to(acc.dtype)
-        total = tl.sum(acc, axis=0)
-        tl.store(out_ptr + out_row * stride_o + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+            for r in tl.static_range(BLOCK_R):  # token order; BLOCK_R row loads in flight
+                # past the segment's end: re-read its last row (count >= 1) and add +0.0 instead,
+                # exact since acc starts at +0 and so is never -0; the loads then share col_ok
+                # as their mask (per-row masks made ptxas spill predicates)
+                src = tl.load(seg + tl.minimum(k + r, count - 1))
+                g = tl.load(g_ptr + src * stride_g + cols, mask=col_ok, other=0.0, eviction_policy="evict_first")
+                acc += tl.where(k + r < count, g.to(acc.dtype), 0.0)
+        tl.store(out_ptr + out_row * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers (inputs already validated; 2-D row views with unit column stride)
 # ----------------------------------------------------------------------------------------------
+# FP contraction, explicit per launch (triton's default flips in 3.10). Neither kernel multiplies
+# (there is nothing to contract), so off: the gather-add is claimed equal to the separately
+# rounded torch add (hidden.to(acc) + bias.to(acc)), and the segment sum's adds then compile the
+# same under any default.
+_FP_FUSION_GATHER_ADD = False
+_FP_FUSION_SEGMENT_SUM = False
+
+
 def _acc_fp64(*dtypes: torch.dtype) -> bool:
     return any(dt == torch.float64 for dt in dtypes)
 
@@ -165,6 +183,7 @@ def _launch_gather_add(h2, ids1, table, task_ids, tokens_per_sample, out2):
         n_rows, d, vocab, n_tasks, max(int(tokens_per_sample), 1),
         h2.stride(0), out2.stride(0), stride_tt, stride_tv, min(next_pow2(n_rows), 1 << 16),
         HAS_TASK=has_task, ACC_FP64=_acc_fp64(h2.dtype, table.dtype),
+        enable_fp_fusion=_FP_FUSION_GATHER_ADD,  # elementwise add, as the torch reference
     )
     return out2
 
@@ -180,6 +199,7 @@ def _launch_segment_sum(g2, plan, n_segments, out2, row_from_plan):
     _segment_sum_kernel[grid](
         g2, plan, out2, n_tokens, n_segments, d, g2.stride(0), out2.stride(0),
         ROW_FROM_PLAN=row_from_plan, ACC_FP64=_acc_fp64(g2.dtype),
+        enable_fp_fusion=_FP_FUSION_SEGMENT_SUM,  # adds only
     )
     return out2
 

@@ -160,7 +160,10 @@ if HAS_TRITON:
         lower = tl.load(ws_ptr + C_LOWER).to(key.dtype)
         cand = (m & (key >= lower)).to(tl.int32)
         count = tl.sum(cand, axis=0).to(tl.int64)
-        base = tl.atomic_add(ws_ptr + C_NCAND, count, sem="relaxed")
+        # blocks without candidates leave the shared counter alone (no contention on that word);
+        # a masked atomic returns no defined value, so such a block's (empty) segment starts at 0
+        base = tl.atomic_add(ws_ptr + C_NCAND, count, mask=count > 0, sem="relaxed")
+        base = tl.where(count > 0, base, 0)
         rank = tl.cumsum(cand, axis=0) - cand  # int32 offsets off one 64-bit base: cheap addresses
         keep = (cand != 0) & (rank < cap - base)
         tl.store(cand_key_ptr + base + rank, key, mask=keep)
@@ -308,6 +311,10 @@ if HAS_TRITON:
                 if t0 != t_begin:
                     part += tl.load(out_row + e, mask=e_ok, other=0.0)
                 tl.store(out_row + e, part, mask=e_ok)
+            # partial[e] is stored by one thread (after a layout conversion) and read back at the
+            # next T tile by another one: order every store of this tile before the next tile's
+            # loads (without it only timing does, e.g. when the group has <= BLOCK_E entries)
+            tl.debug_barrier()
 
     @triton.jit
     def _sddmm_reduce_kernel(partial_ptr, e_pos_ptr, out_ptr, k, n_split, BLOCK: tl.constexpr):
@@ -326,11 +333,14 @@ if HAS_TRITON:
     @triton.jit
     def _round_to(x, DT: tl.constexpr):
         """x rounded to nearest-even in DT. fp32 -> bf16 is done on the bits: the same on the GPU
-        and in triton's CPU interpreter (which truncates a plain fp32 -> bf16 cast)."""
+        and in triton's CPU interpreter (which truncates a plain fp32 -> bf16 cast). The bias add
+        would carry a NaN's low mantissa bits into the exponent (NaN -> +-0 / -Inf), so NaN gets
+        the canonical bf16 NaN 0x7FFF (what cvt.rn.bf16.f32, i.e. torch on CUDA, returns)."""
         if DT == tl.bfloat16:
             u = x.to(tl.uint32, bitcast=True)
-            u = u + 0x7FFF + ((u >> 16) & 1)
-            return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            r = tl.where(x != x, 0x7FFF, r)
+            return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return x.to(DT)
 
@@ -405,6 +415,17 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[i]
 
 
+# FP contraction (a*b + c -> one fma), explicit per launch: unset, triton's default is on up to 3.9
+# and off from 3.10, and it changes the last bits of any kernel that multiplies and adds.
+#   _FP_FUSION_EXACT (off): kernels whose results are claimed bit-equal to separately rounded torch
+#     ops (the AdamW step == torch.optim.AdamW on delta, the merged write, the |grad| accumulation);
+#   _FP_FUSION_ACCURATE (on): reductions (SDDMM), where an fma only drops a rounding and no bitwise
+#     claim against torch is made (their order is fixed, so they stay deterministic either way).
+# The top-k kernels do integer work only (and one-hot MMA counts, exact in any case): off.
+_FP_FUSION_EXACT = False
+_FP_FUSION_ACCURATE = True
+
+
 def _elementwise_block() -> tuple[int, int]:
     """(BLOCK, num_warps) of the elementwise kernels; small blocks under the interpreter so tests
     cover several programs."""
@@ -414,7 +435,8 @@ def _elementwise_block() -> tuple[int, int]:
 def _abs_accumulate_triton(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     n = acc.numel()
     block, warps = _elementwise_block()
-    _abs_accumulate_kernel[(triton.cdiv(n, block),)](acc, grad, n, BLOCK=block, num_warps=warps)
+    _abs_accumulate_kernel[(triton.cdiv(n, block),)](acc, grad, n, BLOCK=block, num_warps=warps,
+                                                      enable_fp_fusion=_FP_FUSION_EXACT)  # acc + |g|: torch's add_
     return acc
 
 
@@ -480,9 +502,10 @@ def _topk_pipeline(scores: torch.Tensor, k: int, rank: int, cap: int, sample: in
         out = torch.empty(k, dtype=torch.int64, device=dev)
 
     _topk_sample_kernel[(1,)](bits, ws, n, k, rank, ctrl_len, KEY_BITS=key_bits, SAMPLE=sample,
-                              ZERO_BLOCK=1024, num_warps=8)
+                              ZERO_BLOCK=1024, num_warps=8, enable_fp_fusion=_FP_FUSION_EXACT)  # integer only
     _topk_compact_kernel[(nblocks,)](bits, ws, cand_key, cand_off, n, cap, nblocks, ctrl_len, KEY_BITS=key_bits,
-                                     INF_KEY=inf_key, BLOCK=block, num_warps=prm["block_warps"])
+                                     INF_KEY=inf_key, BLOCK=block, num_warps=prm["block_warps"],
+                                     enable_fp_fusion=_FP_FUSION_EXACT)  # integer only
     tile = prm["tile"]
     n_prog = max(1, min(2 * _sm_count(dev), triton.cdiv(cap, 8 * tile)))
     chunk = triton.cdiv(triton.cdiv(cap, n_prog), tile) * tile
@@ -490,11 +513,14 @@ def _topk_pipeline(scores: torch.Tensor, k: int, rank: int, cap: int, sample: in
     assert chunk < 2**24  # per-program histogram counts are exact in fp32
     for p, (shift, width) in enumerate(digits):
         _topk_radix_pass_kernel[(n_prog,)](cand_key, ws, cap, chunk, p, shift, width, TILE=tile,
-                                           num_warps=prm["small_warps"])
+                                           num_warps=prm["small_warps"],
+                                           enable_fp_fusion=_FP_FUSION_EXACT)  # exact one-hot counts
     _topk_count_kernel[(nblocks,)](cand_key, ws, nblocks, ctrl_len, n_passes, TILE=prm["seg_tile"],
-                                   SCAN=prm["scan"], num_warps=prm["small_warps"])
+                                   SCAN=prm["scan"], num_warps=prm["small_warps"],
+                                   enable_fp_fusion=_FP_FUSION_EXACT)  # integer only
     _topk_write_kernel[(nblocks,)](cand_key, cand_off, ws, out, k, nblocks, ctrl_len, n_passes, BLOCK=block,
-                                   TILE=prm["seg_tile"], num_warps=prm["small_warps"])
+                                   TILE=prm["seg_tile"], num_warps=prm["small_warps"],
+                                   enable_fp_fusion=_FP_FUSION_EXACT)  # integer only
     n_cand, n_nonfinite = ws[:2].tolist()  # the one host sync
     return out, n_cand, n_nonfinite
 
@@ -571,11 +597,13 @@ def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: t
     t_bucket = min(T.bit_length(), 15)
     _sddmm_partial_kernel[(n_groups, n_split)](
         dyt, xt, e_row, e_col, group_start, partial, T, t_split, k, t_bucket, group_rows,
-        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK_T=block_t)
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK_T=block_t,
+        enable_fp_fusion=_FP_FUSION_ACCURATE)  # dot products: fma = one rounding less per term
     if out is None:
         out = torch.empty(k, dtype=acc_dtype, device=dy.device)
     block, warps = _elementwise_block()
-    _sddmm_reduce_kernel[(triton.cdiv(k, block),)](partial, e_pos, out, k, n_split, BLOCK=block, num_warps=warps)
+    _sddmm_reduce_kernel[(triton.cdiv(k, block),)](partial, e_pos, out, k, n_split, BLOCK=block, num_warps=warps,
+                                                    enable_fp_fusion=_FP_FUSION_ACCURATE)  # adds only: a reduction
     return out
 
 
@@ -583,7 +611,8 @@ def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: t
 def _scatter_merged_triton(weight, flat_idx, w0_sel, delta):
     k = flat_idx.numel()
     block, warps = _elementwise_block()
-    _scatter_merged_kernel[(triton.cdiv(k, block),)](weight, flat_idx, w0_sel, delta, k, BLOCK=block, num_warps=warps)
+    _scatter_merged_kernel[(triton.cdiv(k, block),)](weight, flat_idx, w0_sel, delta, k, BLOCK=block, num_warps=warps,
+                                                      enable_fp_fusion=_FP_FUSION_EXACT)  # == (w0 + delta).to(dtype)
     return weight
 
 
@@ -597,7 +626,8 @@ def _sparse_adamw_step_triton(weight, flat_idx, w0_sel, delta, grad, exp_avg, ex
     block, warps = _elementwise_block()
     _sparse_adamw_kernel[(triton.cdiv(k, block),)](
         weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_sq, hyper_t, k, *hyper,
-        MAXIMIZE=maximize, HYPER_FROM_PTR=fp64, BLOCK=block, num_warps=warps)
+        MAXIMIZE=maximize, HYPER_FROM_PTR=fp64, BLOCK=block, num_warps=warps,
+        enable_fp_fusion=_FP_FUSION_EXACT)  # torch.optim.AdamW's separately rounded mul/add/lerp
 
 
 # ----------------------------------------------------------------------------------------------
