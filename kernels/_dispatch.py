@@ -82,6 +82,12 @@ def autotune(configs, key, interpret_config=None, **kwargs):
     return triton.autotune(configs=configs, key=key, **kwargs)
 
 
+def gpu_like(t: torch.Tensor) -> bool:
+    """``t`` is on a GPU, or the compile check is recording launches as a GPU would make them:
+    launchers branch on this where CUDA takes another path than the interpreter (fp64, SM counts)."""
+    return t.is_cuda or _CAPTURING.get()
+
+
 @contextlib.contextmanager
 def capturing_launches():
     """Inside the block CPU tensors take the Triton path, so the compile check can record what the
@@ -91,20 +97,3 @@ def capturing_launches():
         yield
     finally:
         _CAPTURING.reset(token)
-
-
-class CompileSpec:
-    """One kernel instantiation to compile for Hopper (sm_90) without a GPU, in CI.
-
-    ``signature`` maps every argument name to a triton type string ("*fp32", "*bf16", "i32",
-    "i64", "fp32", "constexpr"); ``constexprs`` gives the constexpr values (autotuned ones too).
-    """
-
-    def __init__(self, kernel, signature: dict, constexprs: dict | None = None, name: str | None = None,
-                 num_warps: int = 4, num_stages: int = 3):
-        self.kernel = kernel
-        self.num_warps = num_warps
-        self.num_stages = num_stages
-        self.signature = signature
-        self.constexprs = constexprs or {}
-        self.name = name or getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))

@@ -30,8 +30,21 @@ import torch
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX = (torch.int32, torch.int64)
 
-# (kernel name, substring of the variant label or "") -> why the spill / shared memory is acceptable
-ACCEPTED_RESOURCE_EXCEPTIONS: dict[tuple[str, str], str] = {}
+# (kernel name, substring of the variant label or "") -> why the spill / shared memory is acceptable.
+# Measured with ptxas 13.x (triton 3.9) and 12.8 (triton 3.6) on sm_90a; none of these is fixed yet, each
+# is a local-memory round trip per tile in a kernel that is not the bf16 training hot path. Remove a line
+# when the kernel is reworked (the WeGeFT thin/generate kernels are on the throughput issue's list).
+ACCEPTED_RESOURCE_EXCEPTIONS: dict[tuple[str, str], str] = {
+    ("_generate_kernel", "fp32 |"): "fp32 weights: B = s*W*Phi^T and W + B*Psi tiles in fp32 sit at 255 registers; "
+                                    "halving BK/BN cut the spill from <=384 B to <=204 B; fp32 WeGeFT on a GPU is the "
+                                    "uncommon case",
+    ("_generate_kernel", "DROPOUT=True"): "16-bit with dropout: 4 B (the hashed keep-mask of a 32x128 tile)",
+    ("_thin_reduce_kernel", "fp32"): "fp32 operands (and fp16 x fp32 column sums, 164 B): split-K tile + dropout hash "
+                                     "in fp32; BN 128 -> 64 cut the worst case from 4.6 KB to 1.7 KB",
+    ("_thin_right_kernel", "fp32 |"): "fp32 x, r = 16: 24-40 B after halving BK",
+    ("_cka_means_kernel", "fp16/fp32"): "fp16 x with fp32 y column sums: 48 B; one pass over x and y per SAFE "
+                                        "measuring step, not per training step",
+}
 
 
 class Refusals:

@@ -30,7 +30,7 @@ import math
 import torch
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor
-from ._dispatch import HAS_TRITON, CompileSpec, autotune, next_pow2, use_triton
+from ._dispatch import HAS_TRITON, autotune, next_pow2, use_triton
 
 if HAS_TRITON:
     import triton
@@ -48,9 +48,12 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
+    # a memory-bound add: one tile shape per width regime is enough (d >= 1024: whole 1024-column rows,
+    # 1 or 4 at a time; d ~ 512; narrow d: 16 rows of 128); each extra config is one more compile and
+    # benchmark per (d, n_bucket) on a user's first call
     _GATHER_ADD_CONFIGS = [
         triton.Config({"BLOCK_R": r, "BLOCK_D": c}, num_warps=w)
-        for r, c, w in [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (16, 128, 4), (32, 64, 4)]
+        for r, c, w in [(1, 1024, 4), (4, 1024, 8), (4, 512, 4), (16, 128, 4)]
     ]
 
     @autotune(
@@ -59,7 +62,9 @@ if HAS_TRITON:
         interpret_config=triton.Config({"BLOCK_R": 8, "BLOCK_D": 64}),
         restore_value=["out_ptr"],  # in place (out is h): tuning must not add the bias twice
     )
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["n_rows", "tokens_per_sample", "n_bucket"])
     def _gather_add_kernel(
         h_ptr, out_ptr, ids_ptr, table_ptr, task_ptr,
         n_rows, d, vocab, n_tasks, tokens_per_sample,
@@ -111,7 +116,9 @@ if HAS_TRITON:
         key=["d"],
         interpret_config=triton.Config({"BLOCK_R": _SEGMENT_ROWS, "BLOCK_D": 64}),
     )
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["n_tokens", "n_segments"])
     def _segment_sum_kernel(
         g_ptr, plan_ptr, out_ptr,
         n_tokens, n_segments, d, stride_g, stride_o,
@@ -479,58 +486,3 @@ def table_grad_dense(grad, ids, table_shape, task_ids=None, *, dtype=torch.float
     out = alloc(table_shape, dtype=dtype, device=grad.device)
     _segment_sums(grad, ids, vocab, task_ids, dtype, plan, True, out.view(n_rows, d))
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# sm_90 compile specs (checked without a GPU by kernels/_compile_check.py)
-# ----------------------------------------------------------------------------------------------
-SM90_COMPILE_SPECS = []
-if HAS_TRITON:
-    _TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
-
-    def _gather_spec(h_dt, t_dt, ids_ty, has_task, configs):
-        sig = {
-            "h_ptr": _TY[h_dt], "out_ptr": _TY[h_dt], "ids_ptr": ids_ty, "table_ptr": _TY[t_dt],
-            "task_ptr": "*i64" if has_task else ids_ty,
-            "n_rows": "i32", "d": "i32", "vocab": "i32", "n_tasks": "i32", "tokens_per_sample": "i32",
-            "stride_h": "i64", "stride_o": "i64", "stride_tt": "i64", "stride_tv": "i64", "n_bucket": "i32",
-            "HAS_TASK": "constexpr", "ACC_FP64": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr",
-        }
-        return [
-            CompileSpec(_gather_add_kernel, sig,
-                        {"HAS_TASK": has_task, "ACC_FP64": _acc_fp64(h_dt, t_dt), **cfg.kwargs},
-                        name=f"gather_add[{h_dt}|{t_dt}|{ids_ty}|task={has_task}|{cfg.kwargs}]")
-            for cfg in configs
-        ]
-
-    # every autotuned block shape on the hot variant, the first and last shapes on the others
-    _ends = [_GATHER_ADD_CONFIGS[0], _GATHER_ADD_CONFIGS[-1]]
-    SM90_COMPILE_SPECS.extend(_gather_spec(torch.bfloat16, torch.bfloat16, "*i64", False, _GATHER_ADD_CONFIGS))
-    for _h, _t, _ids, _task in [
-        (torch.bfloat16, torch.bfloat16, "*i64", True), (torch.float16, torch.float16, "*i32", False),
-        (torch.float32, torch.float32, "*i64", True), (torch.bfloat16, torch.float32, "*i64", False),
-        (torch.float16, torch.float32, "*i64", True), (torch.float64, torch.float64, "*i64", False),
-    ]:
-        SM90_COMPILE_SPECS.extend(_gather_spec(_h, _t, _ids, _task, _ends))
-
-    def _segment_spec(g_dt, o_dt, row_from_plan, configs):
-        sig = {
-            "g_ptr": _TY[g_dt], "plan_ptr": "*i64", "out_ptr": _TY[o_dt],
-            "n_tokens": "i32", "n_segments": "i32", "d": "i32", "stride_g": "i64", "stride_o": "i64",
-            "ROW_FROM_PLAN": "constexpr", "ACC_FP64": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr",
-        }
-        return [
-            CompileSpec(_segment_sum_kernel, sig,
-                        {"ROW_FROM_PLAN": row_from_plan, "ACC_FP64": g_dt == torch.float64, **cfg.kwargs},
-                        name=f"segment_sum[{g_dt}->{o_dt}|row_from_plan={row_from_plan}|{cfg.kwargs}]")
-            for cfg in configs
-        ]
-
-    _ends = [_SEGMENT_SUM_CONFIGS[0], _SEGMENT_SUM_CONFIGS[-1]]
-    for _g, _o, _rfp, _cfgs in [
-        (torch.bfloat16, torch.float32, False, _SEGMENT_SUM_CONFIGS),
-        (torch.bfloat16, torch.bfloat16, True, _SEGMENT_SUM_CONFIGS),
-        (torch.float16, torch.float16, True, _ends), (torch.float32, torch.float32, True, _ends),
-        (torch.float32, torch.float32, False, _ends), (torch.float64, torch.float64, True, _ends),
-    ]:
-        SM90_COMPILE_SPECS.extend(_segment_spec(_g, _o, _rfp, _cfgs))

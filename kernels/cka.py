@@ -43,9 +43,9 @@ import math
 import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import HAS_TRITON, CompileSpec, autotune, interpreting, use_triton
+from ._dispatch import HAS_TRITON, autotune, interpreting, use_triton
 
-__all__ = ["linear_cka", "linear_cka_reference", "cka_form", "SM90_COMPILE_SPECS"]
+__all__ = ["linear_cka", "linear_cka_reference", "cka_form"]
 
 FORMS = ("features", "tokens")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,7 +75,9 @@ if HAS_TRITON:
             cnt += ok.to(tl.float32)
         return tl.sum(acc, axis=0), tl.sum(cnt, axis=0), cols, col_ok
 
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["T", "rows_per_split"])
     def _cka_means_kernel(
         x_ptr, y_ptr, m_ptr, sums_ptr, cnt_ptr,
         T, Dx, Dy, sx_t, sx_d, sy_t, sy_d, rows_per_split,
@@ -157,7 +159,9 @@ if HAS_TRITON:
         acc = acc * inv_n
         return tl.sum(tl.sum(acc * acc, axis=1), axis=0)
 
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["T", "out_stride", "size_class"])
     def _cka_features_kernel(
         x_ptr, y_ptr, mu_x_ptr, mu_y_ptr, m_ptr, n_ptr, out_ptr,
         T, Dx, Dy, sx_t, sx_d, sy_t, sy_d, out_stride, size_class,
@@ -217,7 +221,9 @@ if HAS_TRITON:
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         return acc
 
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["T", "out_stride", "size_class"])
     def _cka_tokens_kernel(
         x_ptr, y_ptr, mu_x_ptr, mu_y_ptr, m_ptr, n_ptr, out_ptr,
         T, Dx, Dy, sx_t, sx_d, sy_t, sy_d, out_stride, size_class,
@@ -250,7 +256,9 @@ if HAS_TRITON:
             tl.store(out_ptr + out_stride + pid, 0.0)
             tl.store(out_ptr + 2 * out_stride + pid, 0.0)
 
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["out_stride", "n0", "n1", "n2"])
     def _cka_finalize_kernel(out_ptr, out_stride, n0, n1, n2, n_ptr, res_ptr, BLOCK: tl.constexpr):
         """res = sum(out[2, :n2]) / sqrt(sum(out[0, :n0]) * sum(out[1, :n1])), NaN unless n >= 2
         (one program). The partials are sums of squares (or of Gram products), so fp32 sums are
@@ -485,54 +493,3 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = Non
         m8 = None if m is None else (m if m.dtype == torch.bool else m != 0).contiguous().view(torch.int8)
         return _linear_cka_triton(x2, y2, m8, form)
     return linear_cka_reference(x2, y2, m, form)
-
-
-# ----------------------------------------------------------------------------------------------
-# sm_90 compile specs (checked in CI without a GPU)
-# ----------------------------------------------------------------------------------------------
-def _specs() -> list:
-    if not HAS_TRITON:
-        return []
-    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-    specs = []
-    for dtx, dty in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-                     (torch.float32, torch.float32), (torch.float32, torch.bfloat16)):
-        specs.append(CompileSpec(
-            _cka_means_kernel,
-            {"x_ptr": ptr[dtx], "y_ptr": ptr[dty], "m_ptr": "*i8", "sums_ptr": "*fp32", "cnt_ptr": "*fp32",
-             "T": "i32", "Dx": "i32", "Dy": "i32", "sx_t": "i64", "sx_d": "i32", "sy_t": "i64", "sy_d": "i32",
-             "rows_per_split": "i32", "HAS_MASK": "constexpr", "DIVIDE": "constexpr", "BLOCK_T": "constexpr",
-             "BLOCK_D": "constexpr"},
-            {"HAS_MASK": True, "DIVIDE": dtx == dty, "BLOCK_T": 32, "BLOCK_D": 128},
-            name=f"means_{str(dtx)[6:]}_{str(dty)[6:]}",
-        ))
-    specs.append(CompileSpec(_cka_finalize_kernel, {"out_ptr": "*fp32", "out_stride": "i32", "n0": "i32", "n1": "i32",
-                                                    "n2": "i32", "n_ptr": "*fp32", "res_ptr": "*fp32",
-                                                    "BLOCK": "constexpr"}, {"BLOCK": 256}, name="finalize"))
-    # (x dtype, y dtype, configs, EVEN): every config of the bf16 and fp32 spaces, one for fp16 and
-    # for the autocast mix (fp32 input, bf16 output, promoted to fp32 operands); both EVEN variants.
-    variants = [(torch.bfloat16, torch.bfloat16, "all", True), (torch.bfloat16, torch.bfloat16, "first", False),
-                (torch.float16, torch.float16, "first", True), (torch.float32, torch.float32, "all", False),
-                (torch.float32, torch.bfloat16, "first", True)]
-    for dtx, dty, which, even in variants:
-        dot = torch.promote_types(dtx, dty)
-        bits = 32 if dot == torch.float32 else 16
-        sig = {"x_ptr": ptr[dtx], "y_ptr": ptr[dty], "mu_x_ptr": "*fp32", "mu_y_ptr": "*fp32", "m_ptr": "*i8",
-               "n_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "Dx": "i32", "Dy": "i32", "sx_t": "i64",
-               "sx_d": "i32", "sy_t": "i64", "sy_d": "i32", "out_stride": "i32", "size_class": "i32",
-               "HAS_MASK": "constexpr", "EVEN_X": "constexpr", "EVEN_Y": "constexpr", "DOT_DTYPE": "constexpr",
-               "PRECISION": "constexpr", "BLOCK_T": "constexpr"}
-        consts = {"HAS_MASK": True, "EVEN_X": even, "EVEN_Y": even, "DOT_DTYPE": _TL_DTYPES[dot],
-                  "PRECISION": "tf32x3" if bits == 32 else "ieee"}
-        tag = f"{str(dtx)[6:]}_{str(dty)[6:]}{'_even' if even else ''}"
-        for kernel, configs, block in ((_cka_features_kernel, _FEATURE_CONFIGS[bits], "BLOCK_D"),
-                                       (_cka_tokens_kernel, _TOKEN_CONFIGS[bits], "BLOCK_K")):
-            for cfg in configs if which == "all" else configs[:1]:
-                kw = cfg.kwargs
-                specs.append(CompileSpec(
-                    kernel, {**sig, block: "constexpr"}, {**consts, **kw},
-                    name=f"{kernel.__name__[5:-7]}_{tag}_t{kw['BLOCK_T']}_{block[-1].lower()}{kw[block]}"))
-    return specs
-
-
-SM90_COMPILE_SPECS = _specs()

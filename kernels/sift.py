@@ -53,7 +53,7 @@ import numbers
 import torch
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_index_range, check_same_device, check_tensor
-from ._dispatch import HAS_TRITON, CompileSpec, autotune, interpreting, use_triton
+from ._dispatch import HAS_TRITON, autotune, interpreting, use_triton
 
 if HAS_TRITON:
     import triton
@@ -282,7 +282,9 @@ if HAS_TRITON:
 
     @autotune(configs=_SDDMM_CONFIGS, key=["t_bucket", "group_rows"],
               interpret_config=triton.Config({"BLOCK_E": 16}))
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["t_split", "t_bucket"])
     def _sddmm_partial_kernel(dyt_ptr, xt_ptr, e_row_ptr, e_col_ptr, group_start_ptr, partial_ptr,
                               T, t_split, k, t_bucket, group_rows,
                               ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -316,7 +318,9 @@ if HAS_TRITON:
             # loads (without it only timing does, e.g. when the group has <= BLOCK_E entries)
             tl.debug_barrier()
 
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["n_split"])
     def _sddmm_reduce_kernel(partial_ptr, e_pos_ptr, out_ptr, k, n_split, BLOCK: tl.constexpr):
         """out[pos_e] = sum_s partial[s, e], summed in split order (deterministic)."""
         e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -855,90 +859,3 @@ def sparse_adamw_step_(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_s
     sparse_adamw_step_reference_(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_sq, step=step, lr=lr,
                                  beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=bool(maximize))
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# sm_90 compile specs (checked without a GPU by kernels/_compile_check.py)
-# ----------------------------------------------------------------------------------------------
-SM90_COMPILE_SPECS = []
-if HAS_TRITON:
-    _TY = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
-           torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64"}
-
-    def _specs():
-        out = []
-        for acc_dt, g_dt in [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
-                             (torch.float32, torch.float32), (torch.float32, torch.float64),
-                             (torch.float64, torch.float64)]:
-            out.append(CompileSpec(_abs_accumulate_kernel,
-                                   {"acc_ptr": _TY[acc_dt], "grad_ptr": _TY[g_dt], "n": "i64", "BLOCK": "constexpr"},
-                                   {"BLOCK": 2048}, name=f"abs_accumulate[{acc_dt}+={g_dt}]"))
-        for score_dt, (int_dt, key_bits, inf_key) in _KEY_FORMAT.items():
-            cand_ty = "*i64" if key_bits == 63 else "*i32"
-            out.append(CompileSpec(
-                _topk_sample_kernel,
-                {"bits_ptr": _TY[int_dt], "ws_ptr": "*i64", "n": "i64", "k": "i64", "rank": "i32", "ctrl_len": "i32",
-                 "KEY_BITS": "constexpr", "SAMPLE": "constexpr", "ZERO_BLOCK": "constexpr"},
-                {"KEY_BITS": key_bits, "SAMPLE": 4096, "ZERO_BLOCK": 1024}, name=f"topk_sample[{score_dt}]"))
-            out.append(CompileSpec(
-                _topk_compact_kernel,
-                {"bits_ptr": _TY[int_dt], "ws_ptr": "*i64", "cand_key_ptr": cand_ty, "cand_off_ptr": "*i32",
-                 "n": "i64", "cap": "i64", "nblocks": "i32", "ctrl_len": "i32",
-                 "KEY_BITS": "constexpr", "INF_KEY": "constexpr", "BLOCK": "constexpr"},
-                {"KEY_BITS": key_bits, "INF_KEY": inf_key, "BLOCK": 4096}, name=f"topk_compact[{score_dt}]"))
-        for cand_ty in ("*i32", "*i64"):
-            out.append(CompileSpec(
-                _topk_radix_pass_kernel,
-                {"cand_key_ptr": cand_ty, "ws_ptr": "*i64", "cap": "i64", "chunk": "i64", "pass_idx": "i32",
-                 "shift": "i32", "width": "i32", "TILE": "constexpr"},
-                {"TILE": 128}, name=f"topk_radix_pass[{cand_ty}]"))
-            out.append(CompileSpec(
-                _topk_count_kernel,
-                {"cand_key_ptr": cand_ty, "ws_ptr": "*i64", "nblocks": "i32", "ctrl_len": "i32", "n_passes": "i32",
-                 "TILE": "constexpr", "SCAN": "constexpr"},
-                {"TILE": 128, "SCAN": 1024}, name=f"topk_count[{cand_ty}]"))
-            out.append(CompileSpec(
-                _topk_write_kernel,
-                {"cand_key_ptr": cand_ty, "cand_off_ptr": "*i32", "ws_ptr": "*i64", "out_ptr": "*i64", "k": "i64",
-                 "nblocks": "i32", "ctrl_len": "i32", "n_passes": "i32", "BLOCK": "constexpr", "TILE": "constexpr"},
-                {"BLOCK": 4096, "TILE": 128}, name=f"topk_write[{cand_ty}]"))
-        for dt in FLOAT_DTYPES:
-            acc = torch.float64 if dt == torch.float64 else torch.float32
-            for cfg in _SDDMM_CONFIGS:
-                out.append(CompileSpec(
-                    _sddmm_partial_kernel,
-                    {"dyt_ptr": _TY[dt], "xt_ptr": _TY[dt], "e_row_ptr": "*i32", "e_col_ptr": "*i32",
-                     "group_start_ptr": "*i64", "partial_ptr": _TY[acc], "T": "i32", "t_split": "i32", "k": "i32",
-                     "t_bucket": "i32", "group_rows": "i32",
-                     "ACC_DTYPE": "constexpr", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
-                    {"ACC_DTYPE": tl.float64 if acc == torch.float64 else tl.float32,
-                     "BLOCK_T": 128 // dt.itemsize, **cfg.kwargs},
-                    name=f"sddmm_partial[{dt}|{cfg.kwargs}]"))
-            if dt in (torch.float32, torch.float64):
-                out.append(CompileSpec(
-                    _sddmm_reduce_kernel,
-                    {"partial_ptr": _TY[dt], "e_pos_ptr": "*i64", "out_ptr": _TY[dt], "k": "i32", "n_split": "i32",
-                     "BLOCK": "constexpr"},
-                    {"BLOCK": 2048}, name=f"sddmm_reduce[{dt}]"))
-        for w_dt in FLOAT_DTYPES:
-            st_dt = torch.float64 if w_dt == torch.float64 else torch.float32
-            for idx_ty in ("*i32", "*i64"):
-                out.append(CompileSpec(
-                    _scatter_merged_kernel,
-                    {"weight_ptr": _TY[w_dt], "idx_ptr": idx_ty, "w0_ptr": _TY[st_dt], "delta_ptr": _TY[st_dt],
-                     "k": "i32", "BLOCK": "constexpr"},
-                    {"BLOCK": 2048}, name=f"scatter_merged[{w_dt}|{idx_ty}]"))
-                for maximize in (False, True):
-                    out.append(CompileSpec(
-                        _sparse_adamw_kernel,
-                        {"weight_ptr": _TY[w_dt], "idx_ptr": idx_ty, "w0_ptr": _TY[st_dt], "delta_ptr": _TY[st_dt],
-                         "grad_ptr": _TY[st_dt], "exp_avg_ptr": _TY[st_dt], "exp_avg_sq_ptr": _TY[st_dt],
-                         "hyper_ptr": _TY[st_dt], "k": "i32", "decay": "fp32", "one_minus_beta1": "fp32",
-                         "beta2": "fp32", "one_minus_beta2": "fp32", "step_size": "fp32",
-                         "bias_correction2_sqrt": "fp32", "eps": "fp32",
-                         "MAXIMIZE": "constexpr", "HYPER_FROM_PTR": "constexpr", "BLOCK": "constexpr"},
-                        {"MAXIMIZE": maximize, "HYPER_FROM_PTR": st_dt == torch.float64, "BLOCK": 2048},
-                        name=f"sparse_adamw[{w_dt}|{idx_ty}|maximize={maximize}]"))
-        return out
-
-    SM90_COMPILE_SPECS = _specs()

@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import HAS_TRITON, CompileSpec, autotune, interpreting, next_pow2, use_triton
+from ._dispatch import HAS_TRITON, autotune, gpu_like, interpreting, next_pow2, use_triton
 
 __all__ = [
     "wegeft_forward", "wegeft_backward", "wegeft_merge", "generate_b", "choose_path", "dropout_keep_mask",
     "wegeft_forward_reference", "wegeft_backward_reference", "wegeft_merge_reference", "generate_b_reference",
-    "PATHS", "MAX_TRITON_RANK", "SM90_COMPILE_SPECS",
+    "PATHS", "MAX_TRITON_RANK",
 ]
 
 PATHS = ("auto", "fused", "merged")
@@ -184,7 +184,9 @@ if HAS_TRITON:
                 tl.store(W_OUT + rows64[:, None] * stride_o0 + ns[None, :] * stride_o1,
                          _cvt(out, W_OUT.dtype.element_ty, INTERP_BF16), mask=m2)
 
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["T"])
     def _thin_right_kernel(
         M, R, OUT, T, K, r,
         stride_m0, stride_m1, stride_r0, stride_r1, stride_o0, stride_o1,
@@ -282,9 +284,14 @@ if HAS_TRITON:
         ]
 
     def _prune_kcat(configs, named_args, **kwargs):
-        """The configs of the operand class: its BK (one K order) and, for fp32/fp64, its tiles."""
+        """The configs of the operand class: its BK (one K order) and, for fp32/fp64, its tiles. 16-bit
+        operands with K1 not a multiple of BK take the few-token tile only: every larger tile spills
+        there (ptxas, sm_90a: up to ~5 KB at 128 x 128); model widths are multiples of 64."""
         cls = "fp32" if named_args["A1"].dtype in (torch.float32, torch.float64) else "16bit"
-        return [c for c in configs if c.kwargs["BK"] == _KCAT_BK[cls]] or configs  # or: the interpreter's one
+        keep = [c for c in configs if c.kwargs["BK"] == _KCAT_BK[cls]]
+        if cls == "16bit" and named_args["K1"] % _KCAT_BK[cls]:
+            keep = [c for c in keep if c.kwargs["BM"] == 16]
+        return keep or configs  # or: the interpreter's one
 
     @autotune(
         _kcat_configs(),
@@ -293,7 +300,9 @@ if HAS_TRITON:
         interpret_config=triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 2}, num_warps=4, num_stages=1),
     )
     @triton.heuristics({"EVEN_K1": lambda a: a["K1"] % a["BK"] == 0})
-    @triton.jit
+    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
+    # shape never recompiles (see docs/gpu-verification.md)
+    @triton.jit(do_not_specialize=["M", "M_BUCKET"])
     def _kcat_matmul_kernel(
         A1, B1, A2, B2, BIAS, C,
         M, N, K1, K2, M_BUCKET,
@@ -370,11 +379,13 @@ def _rank_pad(r: int) -> int:
     return max(16, next_pow2(r))
 
 
-def _thin_blocks(rp: int):
-    """(rows per program, K chunk) of the memory-bound thin kernels; small under the interpreter."""
+def _thin_blocks(rp: int, itemsize: int):
+    """(rows per program, K chunk) of the memory-bound thin kernels; small under the interpreter.
+    fp32 operands take half the K chunk: the 16-bit tiles spill at 255 registers in fp32 (ptxas)."""
     if interpreting():
         return 16, 32
-    return (64, 128) if rp <= 64 else (32, 64)
+    bt, bk = (64, 128) if rp <= 64 else (32, 64)
+    return bt, (bk if itemsize <= 2 else bk // 2)
 
 
 def _launch_generate(weight, phi, psi, eff_scale, *, b_out=None, w_out=None, seed=0, thresh=0):
@@ -385,6 +396,8 @@ def _launch_generate(weight, phi, psi, eff_scale, *, b_out=None, w_out=None, see
         bm, bk, bn, warps = 16, 32, 32, 4
     else:
         bm, bk, bn, warps = (32, 128, 128, 4) if rp <= 64 else (16, 64, 64, 4)
+        if weight.element_size() > 2:  # fp32 tiles of the 16-bit size spill at 255 registers (ptxas)
+            bk, bn = bk // 2, bn // 2
     dummy = weight
     bo = b_out if b_out is not None else dummy
     wo = w_out if w_out is not None else dummy
@@ -406,7 +419,7 @@ def _launch_thin_right(m, rmat, out):
     if t == 0:
         return out
     rp = _rank_pad(r)
-    bt, bk = _thin_blocks(rp)
+    bt, bk = _thin_blocks(rp, m.element_size())
     _thin_right_kernel[(triton.cdiv(t, bt),)](
         m, rmat, out, t, k, r, m.stride(0), m.stride(1), rmat.stride(0), rmat.stride(1),
         out.stride(0), out.stride(1), BT=bt, BK=bk, RP=rp, IS_FP64=_is64(m), INTERP_BF16=_upcast(m), num_warps=4,
@@ -424,7 +437,7 @@ def _launch_thin_reduce(a, m, *, colsum=False, seed=0, thresh=0):
     if interpreting():
         bk, bn, target = 16, 32, 4
     else:
-        bk, bn = 64, (128 if rp <= 64 else 64)
+        bk, bn = 64, (128 if rp <= 64 and m.element_size() <= 2 else 64)  # fp32 at 128 spills (ptxas)
         target = 2 * torch.cuda.get_device_properties(m.device).multi_processor_count if m.is_cuda else 8
     n_tiles = triton.cdiv(n, bn)
     k_steps = max(1, triton.cdiv(k, bk))
@@ -622,7 +635,7 @@ def _triton_ok(t: torch.Tensor, r: int) -> bool:
     """Triton for this call: the dispatch rule, except fp64 on CUDA and r > MAX_TRITON_RANK (composite)."""
     if not use_triton(t):
         return False
-    return r <= MAX_TRITON_RANK and not (t.is_cuda and t.dtype == torch.float64)
+    return r <= MAX_TRITON_RANK and not (gpu_like(t) and t.dtype == torch.float64)
 
 
 def output_layout(tokens: int, d_out: int, r: int, path: str, triton_path: bool):
@@ -755,79 +768,3 @@ def wegeft_backward(grad, x, u, weight, phi, psi, scaling, *, dropout_p=0.0, see
     if need_dpsi:
         dpsi = _launch_thin_reduce(v, x)[0].to(psi.dtype)                        # dΨ = vᵀ x
     return dx, dphi, dpsi, db
-
-
-# ==============================================================================================
-# sm_90 compile specs (checked on CPU by kernels/_compile_check.py)
-# ==============================================================================================
-def _spec_generate(p, rp, store_b, merge, drop):
-    ints = ("d_out", "d_in", "r", "stride_w0", "stride_w1", "stride_phi0", "stride_phi1", "stride_psi0", "stride_psi1",
-            "stride_b0", "stride_b1", "stride_o0", "stride_o1", "seed", "thresh")
-    small = rp <= 64
-    return CompileSpec(
-        _generate_kernel,
-        {"W": p, "PHI": p, "PSI": p, "B_OUT": p, "W_OUT": p, **{k: "i32" for k in ints}, "scaling": "fp32",
-         **{k: "constexpr" for k in ("BM", "BK", "BN", "RP", "STORE_B", "MERGE", "DROPOUT", "IS_FP64", "INTERP_BF16")}},
-        {"BM": 32 if small else 16, "BK": 128 if small else 64, "BN": 128 if small else 64, "RP": rp,
-         "STORE_B": store_b, "MERGE": merge, "DROPOUT": drop, "IS_FP64": False, "INTERP_BF16": False},
-        name=f"generate[{p[1:]},rp={rp},b={int(store_b)},merge={int(merge)},drop={int(drop)}]",
-    )
-
-
-def _spec_thin_right(p, rp):
-    ints = ("T", "K", "r", "stride_m0", "stride_m1", "stride_r0", "stride_r1", "stride_o0", "stride_o1")
-    bt, bk = (64, 128) if rp <= 64 else (32, 64)
-    return CompileSpec(
-        _thin_right_kernel,
-        {"M": p, "R": p, "OUT": p, **{k: "i32" for k in ints},
-         **{k: "constexpr" for k in ("BT", "BK", "RP", "IS_FP64", "INTERP_BF16")}},
-        {"BT": bt, "BK": bk, "RP": rp, "IS_FP64": False, "INTERP_BF16": False},
-        name=f"thin_right[{p[1:]},rp={rp}]",
-    )
-
-
-def _spec_thin_reduce(p, a, rp, drop, colsum):
-    ints = ("K", "N", "r", "k_per_split", "stride_a0", "stride_a1", "stride_m0", "stride_m1", "seed", "thresh")
-    return CompileSpec(
-        _thin_reduce_kernel,
-        {"A": a, "M": p, "WS": "*fp32", "COLSUM": "*fp32", **{k: "i32" for k in ints},
-         **{k: "constexpr" for k in ("BK", "BN", "RP", "DROPOUT", "HAS_COLSUM", "IS_FP64", "INTERP_BF16")}},
-        {"BK": 64, "BN": 128 if rp <= 64 else 64, "RP": rp, "DROPOUT": drop, "HAS_COLSUM": colsum,
-         "IS_FP64": False, "INTERP_BF16": False},
-        name=f"thin_reduce[{p[1:]},A={a[1:]},rp={rp},drop={int(drop)},colsum={int(colsum)}]",
-    )
-
-
-def _spec_kcat(p, cfg, bias):
-    ints = ("M", "N", "K1", "K2", "M_BUCKET", "stride_a1m", "stride_a1k", "stride_b1k", "stride_b1n", "stride_a2m",
-            "stride_a2k", "stride_b2k", "stride_b2n", "stride_cm", "stride_cn")
-    kw = dict(cfg.kwargs)
-    return CompileSpec(
-        _kcat_matmul_kernel,
-        {"A1": p, "B1": p, "A2": p, "B2": p, "BIAS": p, "C": p, **{k: "i32" for k in ints},
-         **{k: "constexpr" for k in ("HAS_BIAS", "IS_FP64", "INTERP_BF16", "BM", "BN", "BK", "GROUP_M", "EVEN_K1")}},
-        {**kw, "HAS_BIAS": bias, "IS_FP64": False, "INTERP_BF16": False, "EVEN_K1": True},
-        name=f"kcat[{p[1:]},{kw['BM']}x{kw['BN']}x{kw['BK']},bias={int(bias)}]",
-    )
-
-
-SM90_COMPILE_SPECS: list = []
-if HAS_TRITON:
-    # bf16 (the training dtype): every feature flag, every rank tile and every autotune config;
-    # fp16 / fp32: each kernel once with its heaviest flags (compile time of the CI check).
-    _bf = "*bf16"
-    SM90_COMPILE_SPECS += [
-        _spec_generate(_bf, 64, True, False, False), _spec_generate(_bf, 64, False, True, False),
-        _spec_generate(_bf, 64, True, True, True), _spec_generate(_bf, 16, True, False, True),
-        _spec_generate(_bf, 256, False, True, False),
-        _spec_thin_right(_bf, 16), _spec_thin_right(_bf, 64), _spec_thin_right(_bf, 256),
-        _spec_thin_reduce(_bf, _bf, 64, False, True), _spec_thin_reduce(_bf, "*fp32", 64, True, False),
-        _spec_thin_reduce(_bf, _bf, 256, False, False),
-        *[_spec_kcat(_bf, c, True) for c in _kcat_configs()], _spec_kcat(_bf, _kcat_configs()[-1], False),
-    ]
-    for _p, _big in (("*fp16", 1), ("*fp32", 4)):  # fp32: the tiles _prune_kcat keeps
-        SM90_COMPILE_SPECS += [
-            _spec_generate(_p, 64, True, True, True), _spec_thin_right(_p, 64),
-            _spec_thin_reduce(_p, _p, 64, False, True), _spec_thin_reduce(_p, "*fp32", 64, True, False),
-            _spec_kcat(_p, _kcat_configs()[_big], True), _spec_kcat(_p, _kcat_configs()[-1], True),
-        ]
