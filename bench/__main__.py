@@ -1,5 +1,6 @@
 """python -m bench [--only NAME] [--once] [--profile] [--quick] [--no-compile] [--out DIR]
        python -m bench --model [--quick] [--model-config 1b|tiny] [--methods ...] [--grad-ckpt] ...
+       python -m bench --static [--rebuild]   (the sm_90a resource report of every kernel variant that runs)
        python -m bench.gpu_run --out DIR [--budget-s 480]   (tests + these + --model + static report, one budget)
 
 Runs every case of bench/<family>.py on the available device (CUDA if present), prints a table
@@ -29,6 +30,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--list", action="store_true", help="list case names and exit")
+    ap.add_argument("--static", action="store_true",
+                    help="print the sm_90a static resource report (registers, spills, smem, warps/SM of every "
+                         "kernel variant that runs) for the installed triton, from --out, building it if missing")
+    ap.add_argument("--rebuild", action="store_true", help="with --static: rebuild the report (minutes, no GPU)")
     mg = ap.add_argument_group("whole-model benchmark (--model, bench/model.py)")
     mg.add_argument("--model-config", choices=["1b", "tiny"], default=None,
                     help="Llama shape (default: 1b on CUDA, tiny with --quick or on CPU)")
@@ -42,6 +47,11 @@ def main(argv=None) -> int:
     mg.add_argument("--model-dtype", choices=["bf16", "fp16", "fp32"], default=None,
                     help="weights dtype (default bf16)")
     args = ap.parse_args(argv)
+
+    if args.static:
+        return _static_report(args.out, args.rebuild)
+    if args.rebuild:
+        ap.error("--rebuild goes with --static")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick or device.type != "cuda"
@@ -107,6 +117,28 @@ def main(argv=None) -> int:
         print(f"wrote {png}")
     else:
         print("no plot (matplotlib missing or no sweep)")
+    return 0
+
+
+def _static_report(out_dir: str, rebuild: bool) -> int:
+    """Print bench/results/static-sm90a-triton<version>.md, running the compile check first if asked or missing."""
+    import subprocess
+
+    try:
+        import triton
+    except ImportError:
+        print("--static: triton is not installed", file=sys.stderr)
+        return 2
+    stem = os.path.join(out_dir, f"static-sm90a-triton{triton.__version__}")
+    if rebuild or not os.path.exists(stem + ".md"):
+        print(f"building {stem}.md (compiles every variant for sm_90a; minutes on a few cores)", file=sys.stderr)
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        rc = subprocess.run([sys.executable, "-m", "peftops.kernels._compile_check", "--json", stem + ".json",
+                             "--markdown", stem + ".md"], env=env).returncode
+        if not os.path.exists(stem + ".md"):
+            return rc or 1
+    with open(stem + ".md", encoding="utf-8") as f:
+        print(f.read())
     return 0
 
 

@@ -95,9 +95,11 @@ def drive_sift(ref: Refusals) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- AoT
-# (hidden, table) dtypes: a table in the model's dtype, or fp32 tables (training) / fp64 under a
-# 16-bit or fp32 model; gather_add accepts any pair, these are the ones the AoT layer produces
-AOT_DTYPE_PAIRS = [(h, t) for h in FLOATS for t in FLOATS if t == h or (t in (torch.float32, torch.float64) and t.itemsize > h.itemsize)]
+# (hidden, table) dtypes: a table in the model's dtype (serving, compiled tables) or fp32 rows under a
+# 16-bit model (training); gather_add accepts any pair, these are the ones the AoT layer produces
+# (grad, table-gradient) dtypes: fp32 sums of any grad, fp64 sums of fp64 grads (gradcheck)
+AOT_GRAD_DTYPES = [(g, torch.float32) for g in FLOATS] + [(torch.float64, torch.float64)]
+AOT_DTYPE_PAIRS = [(h, t) for h in FLOATS for t in FLOATS if t == h or (t == torch.float32 and h.itemsize < 4)]
 
 def drive_aot(ref: Refusals) -> None:
     from . import aot as K
@@ -112,7 +114,7 @@ def drive_aot(ref: Refusals) -> None:
             ref.call(K.gather_add, h, ids, _rand((V, d), t_dt), out=h)  # in place
             tasks = torch.randint(0, n_tasks, (B,), dtype=idx_dt)
             ref.call(K.gather_add, h, ids, _rand((n_tasks, V, d), t_dt), tasks)
-        for g_dt, out_dt, idx_dt in itertools.product(FLOATS, (torch.float32, torch.float64), INDEX):
+        for (g_dt, out_dt), idx_dt in itertools.product(AOT_GRAD_DTYPES, INDEX):
             ids = torch.randint(0, V, (B, S), dtype=idx_dt)
             g = _rand((B, S, d), g_dt)
             ref.call(K.table_grad_rows, g, ids, V, dtype=out_dt)
@@ -129,7 +131,7 @@ def drive_wegeft(ref: Refusals) -> None:
     from . import wegeft as K
 
     # (T, d_out, d_in, r): T <= d_out / 2 takes the fused path under "auto"; both paths forced below
-    shapes = {"aligned": (32, 96, 64, 16), "odd": (7, 37, 29, 3), "unit": (1, 96, 64, 1), "rank64": (48, 128, 80, 64)}
+    shapes = {"aligned": (32, 96, 64, 16), "odd": (7, 37, 29, 3), "unit": (1, 96, 64, 16), "rank64": (48, 128, 80, 64)}
     for cls, (T, d_out, d_in, r) in shapes.items():
         for dt in FLOATS:
             x, w, b = _rand((T, d_in), dt), _rand((d_out, d_in), dt), _rand(d_out, dt)

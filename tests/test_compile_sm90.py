@@ -140,3 +140,17 @@ def test_gate_fails_on_spills_shared_memory_defaults_and_forgotten_kernels(monke
 def test_occupancy_matches_the_sm90_limits(regs, smem, warps, expect_warps, limit):
     occ = occupancy(regs, smem, warps)
     assert occ["warps_per_sm"] == expect_warps and occ["limited_by"] == limit, occ
+
+
+@needs_triton
+def test_bench_static_prints_the_committed_report(tmp_path):
+    """python -m bench --static prints the report of the installed triton from --out (building it only
+    when it is missing or --rebuild is given)."""
+    import triton
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / f"static-sm90a-triton{triton.__version__}.md").write_text("# sm_90a static resource report (test)\n")
+    r = subprocess.run([sys.executable, "-m", "bench", "--static", "--out", str(tmp_path)], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "static resource report (test)" in r.stdout and "building" not in r.stderr
