@@ -43,8 +43,9 @@ plus whatever an earlier phase leaves. Compiling dominates, not timing, so it de
     tiles. Taking the static check's cost per compile (148 variants x 2 in ~3.5 min on 2 cores: ~1.4 s) and
     300-1000 compiles: 7-23 min single-core, 2-6 min on 4 pytest processes. So expect the last entries of
     TEST_SELECTION to be cut (recorded, with the test running at the cut) on the first run.
-  - static: the compile check now enumerates ~2000 variants (kernels/_variants.py) at ~1.4 s each on the 12
-    cores the tests leave: ~4 min, longer than the tests' slot: cut and recorded. Run it on its own
+  - static: the compile check enumerates 815 variants (kernels/_variants.py): ~500 core-seconds of compiling
+    with triton 3.6 (the GPU image's), ~880 with 3.9, measured on this project's 2-core CPU; on the ~12 cores
+    the tests leave: ~1 min. If it is cut, that is recorded and the partial report kept. Run it on its own
     (``--phases static --budget-s 400``) or on any CPU machine; it needs no GPU.
   - bench: 74 cases at full size. 47 also time torch.compile(reference): ~3-8 s of inductor each (~150-350 s);
     Triton compiles + autotuning of the bf16 variants ~60 s; timing ~0.3 s x 3 paths x 74 ~70 s (per path
@@ -57,7 +58,7 @@ plus whatever an earlier phase leaves. Compiling dominates, not timing, so it de
     SIFT calibration and the warm-up's autotuning make it ~15-30 s per method: 100-180 s for all six, so the
     last one or two may be cut.
 * Warm caches (the same machine again): tests ~1-2 min, bench ~2.5 min with compile, model ~1.5 min,
-  static still ~4 min (it always recompiles, TRITON_ALWAYS_COMPILE): everything but static fits in 480 s;
+  static still ~1 min (it always recompiles, TRITON_ALWAYS_COMPILE): everything but static fits in 480 s;
   ``--budget-s 900`` should fit all of it but the static report even cold.
 
 On CPU (2 cores) the run with the defaults takes its whole budget too (the interpreter is slow); CI runs
