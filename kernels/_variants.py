@@ -108,8 +108,9 @@ def drive_sift(ref: Refusals) -> None:
 # ---------------------------------------------------------------------------------------------- AoT
 # (hidden, table) dtypes: a table in the model's dtype (serving, compiled tables) or fp32 rows under a
 # 16-bit model (training); gather_add accepts any pair, these are the ones the AoT layer produces
-# (grad, table-gradient) dtypes: fp32 sums of any grad, fp64 sums of fp64 grads (gradcheck)
-AOT_GRAD_DTYPES = [(g, torch.float32) for g in FLOATS] + [(torch.float64, torch.float64)]
+# (grad, table-gradient) dtypes: the gradient comes back in the table's dtype (the AoT layer passes
+# it), i.e. the model's, or fp32 for fp32 tables under a 16-bit model
+AOT_GRAD_DTYPES = [(g, g) for g in FLOATS] + [(g, torch.float32) for g in FLOATS if g.itemsize < 4]
 AOT_DTYPE_PAIRS = [(h, t) for h in FLOATS for t in FLOATS if t == h or (t == torch.float32 and h.itemsize < 4)]
 
 def drive_aot(ref: Refusals) -> None:
