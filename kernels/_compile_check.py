@@ -216,8 +216,7 @@ class Variant:
 
 
 def _short(v) -> str:
-    s = str(v)
-    return s.replace("triton.language.", "").replace("fp32", "fp32")
+    return str(v).replace("triton.language.", "")
 
 
 def to_variants(launches: list[Launch]) -> list[Variant]:
