@@ -3,9 +3,16 @@
        python -m bench --static [--rebuild]   (the sm_90a resource report of every kernel variant that runs)
        python -m bench.gpu_run --out DIR [--budget-s 480]   (tests + these + --model + static report, one budget)
 
-Runs every case of bench/<family>.py on the available device (CUDA if present), prints a table
-(reference, torch.compile(reference), peftops, speedups, GB/s or TFLOP/s, % of the roofline
-measured in the same run) and writes JSON + a PNG of the size sweeps under bench/results/.
+Runs every case of bench/<family>.py on the available device (CUDA if present), each case's reference,
+torch.compile(reference) and peftops paths interleaved (one sample of each per round, the order rotated,
+so background load hits them alike) until the spread is small or the case's timing budget is spent, and
+prints a table: median (min-max) per path, the median paired speedup with its 95% bootstrap CI, and a
+flag: a row is UNSTABLE (no speedup claimed, the reason given) when a path's spread exceeds --max-spread,
+the ratio CI is wider than that, or it got too few rounds. GB/s, TFLOP/s and % of the roofline measured in
+the same run appear only on a GPU. Writes <out>/<device>.json (every sample) and a PNG of the size sweeps;
+<out> is --out, default $PEFTOPS_BENCH_OUT or ~/.cache/peftops/bench/ (outside the source tree: the
+repository's bench/results/ holds only committed GPU results and the static reports, and is written only
+when named with --out from a GPU run).
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ import sys
 
 import torch
 
-from .harness import environment, format_table, load_cases, measure_roofline, plot, run_case, to_json
+from .harness import (FAMILIES, RESULTS_DIR, Policy, default_out_dir, environment, format_table, load_cases, measure_roofline,
+                      plot, resolve_out_dir, run_case, to_json)
 
 
 def main(argv=None) -> int:
@@ -28,12 +36,28 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     ap.add_argument("--model", action="store_true", help="whole-model training-step benchmark (bench/model.py)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=None,
+                    help="directory for the JSON, PNG and traces (default $PEFTOPS_BENCH_OUT or "
+                         "~/.cache/peftops/bench/; bench/results/ is accepted only from a GPU run; with --static: "
+                         "where the static report is read, default bench/results/)")
+    tm = ap.add_argument_group("measuring (each case's paths interleaved until stable or its budget is spent)")
+    tm.add_argument("--case-budget-s", type=float, default=Policy.budget_s,
+                    help=f"timing budget per case in seconds, warm-up not counted (default {Policy.budget_s:g})")
+    tm.add_argument("--max-spread", type=float, default=Policy.max_spread,
+                    help=f"a row is UNSTABLE above this spread (p90-p10)/median of a path, or with a ratio CI wider "
+                         f"than +- this (default {Policy.max_spread:g})")
+    tm.add_argument("--min-rounds", type=int, default=Policy.min_rounds,
+                    help=f"interleaved rounds before a row may be called stable (default {Policy.min_rounds})")
+    tm.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads while timing (default 1 on CPU: multi-threaded tiny ops on a shared CPU "
+                         "stall on descheduled threads; unchanged on CUDA)")
     ap.add_argument("--list", action="store_true", help="list case names and exit")
     ap.add_argument("--static", action="store_true",
                     help="print the sm_90a static resource report (registers, spills, smem, warps/SM of every "
                          "kernel variant that runs) for the installed triton, from --out, building it if missing")
-    ap.add_argument("--rebuild", action="store_true", help="with --static: rebuild the report (minutes, no GPU)")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="with --static: rebuild the report (minutes, no GPU) into --out (default: the default output "
+                         "directory; --out bench/results to replace the committed one)")
     mg = ap.add_argument_group("whole-model benchmark (--model, bench/model.py)")
     mg.add_argument("--model-config", choices=["1b", "tiny"], default=None,
                     help="Llama shape (default: 1b on CUDA, tiny with --quick or on CPU)")
@@ -69,13 +93,15 @@ def main(argv=None) -> int:
             return 2
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-        out_default = ap.get_default("out")
-        return model_bench.main(device, quick=quick, out_dir=None if args.out == out_default else args.out,
+        return model_bench.main(device, quick=quick, out_dir=args.out,
                                 config=args.model_config, methods=methods, batch_size=args.batch_size,
                                 seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
                                 grad_ckpt=args.grad_ckpt, dtype=args.model_dtype)
 
-    cases = load_cases(device, quick)
+    families = None  # --only sift.sddmm builds bench/sift.py's cases only (every family's take a while)
+    if args.only and all(o.split(".")[0] in FAMILIES for o in args.only):
+        families = sorted({o.split(".")[0] for o in args.only})
+    cases = load_cases(device, quick, families)
     if args.only:
         cases = [c for c in cases if any(o in c.name for o in args.only)]
     if args.list:
@@ -86,8 +112,28 @@ def main(argv=None) -> int:
         print("no case matches", args.only)
         return 1
 
+    if not (args.case_budget_s > 0 and args.max_spread > 0 and args.min_rounds >= 2):
+        ap.error("--case-budget-s and --max-spread must be > 0, --min-rounds >= 2")
+    policy = Policy(budget_s=args.case_budget_s, max_spread=args.max_spread, min_rounds=args.min_rounds)
+    official = device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    out_dir = resolve_out_dir(args.out, official=official)
+    threads = torch.get_num_threads()
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    try:
+        return _run(args, device, cases, policy, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, device, cases, policy, out_dir) -> int:
     env = environment(device)
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    env["cpu_threads"] = torch.get_num_threads()
+    env["policy"] = dict(vars(policy))
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
+          f"torch threads {env['cpu_threads']}")
+    print(f"measuring: paths interleaved per round, >= {policy.min_rounds} rounds, until spread <= "
+          f"{100 * policy.max_spread:.0f}% or {policy.budget_s:g} s per case; results to {out_dir}")
     roof = measure_roofline(device)
     if device.type == "cuda":
         print(f"roofline (this run): copy {roof['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
@@ -98,21 +144,21 @@ def main(argv=None) -> int:
     except Exception:  # pragma: no cover
         def tqdm(x, **_):
             return x
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
         if args.profile:
-            _profile(case, device, args.out)
-        results.append(run_case(case, device, once=args.once, compile_ref=not args.no_compile))
+            _profile(case, device, out_dir)
+        results.append(run_case(case, device, once=args.once, compile_ref=not args.no_compile, policy=policy))
 
     print(format_table(results, roof))
     tag = f"{device.type}-{env['device'].replace(' ', '_').replace('/', '_')}"
     if args.only or args.once:
         tag += "-partial"
-    json_path = os.path.join(args.out, f"{tag}.json")
+    json_path = os.path.join(out_dir, f"{tag}.json")
     with open(json_path, "w") as f:
         json.dump(to_json(results, roof, env), f, indent=1, default=float)
     print(f"wrote {json_path}")
-    png = os.path.join(args.out, f"{tag}.png")
+    png = os.path.join(out_dir, f"{tag}.png")
     if plot(results, png):
         print(f"wrote {png}")
     else:
@@ -120,8 +166,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _static_report(out_dir: str, rebuild: bool) -> int:
-    """Print bench/results/static-sm90a-triton<version>.md, running the compile check first if asked or missing."""
+def _static_report(out_dir: str | None, rebuild: bool) -> int:
+    """Print the static report of the installed triton: from ``out_dir`` (default bench/results/, the committed
+    ones) unless ``rebuild``; a missing or rebuilt report is built into ``out_dir`` if named, else into the default
+    output directory (bench/results/ gets one only with ``--out bench/results``)."""
     import subprocess
 
     try:
@@ -129,8 +177,12 @@ def _static_report(out_dir: str, rebuild: bool) -> int:
     except ImportError:
         print("--static: triton is not installed", file=sys.stderr)
         return 2
-    stem = os.path.join(out_dir, f"static-sm90a-triton{triton.__version__}")
+    name = f"static-sm90a-triton{triton.__version__}"
+    stem = os.path.join(out_dir or RESULTS_DIR, name)
     if rebuild or not os.path.exists(stem + ".md"):
+        build_dir = out_dir or default_out_dir()
+        os.makedirs(build_dir, exist_ok=True)
+        stem = os.path.join(build_dir, name)
         print(f"building {stem}.md (compiles every variant for sm_90a; minutes on a few cores)", file=sys.stderr)
         env = dict(os.environ, TRITON_INTERPRET="0")
         rc = subprocess.run([sys.executable, "-m", "peftops.kernels._compile_check", "--json", stem + ".json",

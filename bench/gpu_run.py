@@ -11,9 +11,12 @@ Run from the repository root on a machine with one CUDA GPU. Within the time bud
 3. ``bench``  every microbenchmark case of bench/ (``bench.harness``, what ``python -m bench`` runs), the
               headline shape of every op first, then the rest of each sweep, until its share of the budget
               is spent (cases not reached are listed "not run: budget"; a failing case is recorded and the
-              next one runs);
+              next one runs). Each case's paths are timed interleaved until stable or its per-case budget
+              (``--case-budget-s``) ends; a row is flagged UNSTABLE, with the reason, and claims no speedup
+              when its spread or the ratio's 95% CI is too wide (every sample is in the JSON);
 4. ``model``  the whole-model training step of every method (bench/model.py, ``python -m bench --model``),
-              method by method until its share is spent;
+              method by method until its share is spent (the tiny model without a GPU: a smoke run, said
+              so in the JSON and the summary);
 5. ``static`` the sm_90a static resource report (``python -m peftops.kernels._compile_check --json
               --markdown``) as a subprocess, run alongside the tests (it is CPU-only work), summarised per
               kernel family next to the measured figures;
@@ -49,7 +52,8 @@ plus whatever an earlier phase leaves. Compiling dominates, not timing, so it de
     (``--phases static --budget-s 400``) or on any CPU machine; it needs no GPU.
   - bench: 74 cases at full size. 47 also time torch.compile(reference): ~3-8 s of inductor each (~150-350 s);
     Triton compiles + autotuning of the bf16 variants ~60 s; timing ~0.3 s x 3 paths x 74 ~70 s (per path
-    one warm-up, one estimate, 3-200 reps capped at 0.2 s; the ops take 10 us - 5 ms: a 4096x4096 fp32 top-k
+    a warm-up, then interleaved rounds: >= 10, until stable, at most --case-budget-s (default 2 s) per case;
+    stable GPU cases stop at ~10-20 rounds; the ops take 10 us - 5 ms: a 4096x4096 fp32 top-k
     reads 68 MB, ~25 us at 3 TB/s; SDDMM T=16384 270 MB / 5.5 GFLOP); the six SAFE model cases ~5-10 s each.
     ~300-450 s in all against ~180 s: the headline shape of every op runs (they go first), part of the sweeps
     is cut. ``--no-compile`` saves the inductor time.
@@ -82,6 +86,8 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from typing import Any
+
+from .paths import default_out_dir  # no torch import: a broken torch still gets exit 3, not a traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -514,6 +520,9 @@ def phase_tests(run: Run, ph: Phase, deadline: float) -> None:
             _finish_test_entry(results[i], child, run.out, interrupted=True)
         for i, _ in pending:
             results[i]["status"] = "not run: interrupted"
+        for r in results:  # interrupted while its pytest child was being started
+            if "cmd" in r and "status" not in r:
+                r["status"] = "interrupted"
         raise
     finally:
         ph.data = {"device": dev, "jobs": jobs, "entries": results}
@@ -664,7 +673,7 @@ def phase_bench(run: Run, ph: Phase, deadline: float) -> None:
 
     import torch
 
-    from .harness import FAMILIES, format_table, load_cases, measure_roofline, plot, run_case, to_json
+    from .harness import FAMILIES, Policy, format_table, load_cases, measure_roofline, plot, run_case, to_json
 
     device = run.device
     modules = None  # --bench-only sift.topk loads bench/sift.py only (building every family's cases takes a while)
@@ -700,7 +709,9 @@ def phase_bench(run: Run, ph: Phase, deadline: float) -> None:
                 break
             t0 = time.perf_counter()
             try:
-                res = run_case(case, device, once=run.args.bench_once, compile_ref=not run.args.no_compile)
+                policy = Policy(budget_s=max(0.05, min(run.args.case_budget_s, left)))
+                res = run_case(case, device, once=run.args.bench_once, compile_ref=not run.args.no_compile,
+                               policy=policy)
                 results[i] = res
                 bad = [k for k, v in res.times_us.items() if not _finite(v)]
                 # a failed torch.compile baseline is recorded, the row still stands on reference vs peftops
@@ -747,6 +758,9 @@ def phase_bench(run: Run, ph: Phase, deadline: float) -> None:
                 ph.notes.append("no plot: no swept case ran")
     n_cut = len(ph.data["not_run"])
     n_err = sum(r["status"] == "error" for r in rows)
+    n_unstable = sum(r.get("stable") is False for r in rows)
+    if n_unstable:
+        ph.notes.append(f"{n_unstable} rows UNSTABLE (no speedup claimed; reasons per row)")
     if n_cut:
         ph.notes.append(f"{n_cut} of {len(cases)} cases not run: budget")
         run.skip(f"bench: {n_cut} cases", "not run: budget")
@@ -773,7 +787,11 @@ def phase_model(run: Run, ph: Phase, deadline: float) -> None:
     batch = {"input_ids": ids, "labels": ids}
     rows: list[dict[str, Any]] = []
     durations: list[float] = []
-    ph.data = {"settings": s.to_json(), "tokens_per_step": s.tokens, "rows": rows}
+    smoke = M.smoke_reasons(s)
+    ph.data = {"settings": s.to_json(), "tokens_per_step": s.tokens, "rows": rows, "smoke": bool(smoke),
+               "smoke_reasons": smoke}
+    if smoke:
+        ph.notes.append("smoke run: " + "; ".join(smoke) + " (its step times say nothing about speed)")
     log(f"model: '{spec.name}' Llama, batch {s.batch_size} x {s.seq_len}, {s.warmup} warm-up + {s.steps} steps, "
         f"{len(methods)} methods, {max(0.0, deadline - time.monotonic()):.0f} s")
     threads = torch.get_num_threads()
@@ -812,7 +830,7 @@ def phase_model(run: Run, ph: Phase, deadline: float) -> None:
         torch.set_num_threads(threads)
         M.add_ratios(rows, device)
         if rows:
-            print(M.format_table(rows, device), flush=True)
+            print(M.format_table(rows, device, smoke=bool(smoke)), flush=True)
     cut = [r["method"] for r in rows if r["status"] == "not run: budget"]
     if cut:
         ph.notes.append(f"not run: budget: {', '.join(cut)}")
@@ -864,6 +882,16 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     cells = [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in rows]
     return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] + \
         ["| " + " | ".join(r) + " |" for r in cells]
+
+
+def _ci(ci) -> str:
+    return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci and _finite(ci[0]) and _finite(ci[1]) else "-"
+
+
+def _flag(row: dict[str, Any]) -> str:
+    if row.get("stable") is None:
+        return "-"
+    return "ok" if row["stable"] else "UNSTABLE: " + "; ".join(row.get("unstable_reasons") or [])
 
 
 def _bench_status(row: dict[str, Any]) -> str:
@@ -945,12 +973,18 @@ def summary_markdown(doc: dict[str, Any]) -> str:
                   f"{roof['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s", ""]
         else:
             L += ["no roofline (no GPU): CPU times of the reference vs the peftops CPU path, not kernel figures", ""]
-        L += _table(["case", "shape", "status", "reference us", "compiled us", "peftops us", "speedup",
-                     "vs compiled", "% roofline"],
-                    [[r["name"], r["shape"], _bench_status(r),
+        L += ["times: median us per call over interleaved rounds; speedup: median paired ratio, shown only for "
+              "stable rows (UNSTABLE rows claim none; the reason is in the flag column and every sample in "
+              "gpu_run.json)", ""]
+        L += _table(["case", "shape", "status", "rounds", "reference us", "compiled us", "peftops us", "speedup",
+                     "95% CI", "vs compiled", "% roofline", "flag"],
+                    [[r["name"], r["shape"], _bench_status(r), r.get("rounds", "-"),
                       _f(r["times_us"].get("reference")), _f(r["times_us"].get("compiled")),
-                      _f(r["times_us"].get("peftops")), _f(r.get("speedup_vs_reference"), ".2f", "x"),
-                      _f(r.get("speedup_vs_compiled"), ".2f", "x"), _f(r.get("percent_of_roofline"), ".0f", "%")]
+                      _f(r["times_us"].get("peftops")),
+                      _f(r.get("speedup_vs_reference"), ".2f", "x") if r.get("stable") is not False else "UNSTABLE",
+                      _ci(r.get("ratio_vs_reference_ci")),
+                      _f(r.get("speedup_vs_compiled"), ".2f", "x"), _f(r.get("percent_of_roofline"), ".0f", "%"),
+                      _flag(r)]
                      for r in bench.get("rows", [])])
         if bench.get("plot"):
             L += ["", f"![sweeps]({bench['plot']})"]
@@ -962,6 +996,9 @@ def summary_markdown(doc: dict[str, Any]) -> str:
         L += ["## Whole-model training step", "",
               f"Llama '{st.get('config')}' (hidden {m.get('hidden_size')}, {m.get('num_hidden_layers')} layers), "
               f"{st.get('dtype')}, batch {st.get('batch_size')} x {st.get('seq_len')}, {st.get('steps')} timed steps", ""]
+        if model.get("smoke"):
+            L += [f"**SMOKE RUN** ({'; '.join(model.get('smoke_reasons') or [])}): it checks that every method "
+                  "builds, trains and is measured; its step times say nothing about speed and rank nothing.", ""]
         cuda = (env.get("device_type") == "cuda")
         L += _table(["method", "status", "trainable", "step ms", "tokens/s", "peak MiB" if cuda else "train-state MiB",
                      "time vs full", "mem vs full", "time vs lora", "note"],
@@ -1011,8 +1048,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Phases: " + ", ".join(PHASES) + ". See the module docstring for the "
                                         "runtime estimate.")
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu-run"),
-                    help="output directory (created; default runs/gpu-run/)")
+    ap.add_argument("--out", default=default_out_dir("gpu-run"),
+                    help="output directory (created; default $PEFTOPS_BENCH_OUT/gpu-run or "
+                         "~/.cache/peftops/bench/gpu-run/, outside the source tree)")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                     help=f"wall-clock budget of the whole run in seconds (default {DEFAULT_BUDGET_S:.0f}, "
                          f"at least {MIN_BUDGET_S:.0f})")
@@ -1034,6 +1072,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bg.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     bg.add_argument("--bench-once", action="store_true",
                     help="one warm-up and one timed call per path (a smoke run, not a measurement)")
+    bg.add_argument("--case-budget-s", type=float, default=2.0,
+                    help="timing budget per bench case, warm-up not counted (default 2; never past the phase's)")
     bg.add_argument("--model-methods", default="", help="comma list of model methods (default: all)")
     bg.add_argument("--static-families", default="", help="comma list of kernel families for the static check")
     ns = ap.parse_args(argv)
@@ -1042,6 +1082,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not math.isfinite(ns.budget_s) or ns.budget_s < MIN_BUDGET_S:
         raise UsageError(f"--budget-s {ns.budget_s:g} is too small to do anything useful: give at least "
                          f"{MIN_BUDGET_S:.0f} s (the default, {DEFAULT_BUDGET_S:.0f} s, is the full GPU run)")
+    if not (math.isfinite(ns.case_budget_s) and ns.case_budget_s > 0):
+        raise UsageError(f"--case-budget-s {ns.case_budget_s:g}: give a positive number of seconds")
     ns.phases = _csv(ns.phases)
     unknown = [p for p in ns.phases if p not in PHASES]
     if unknown or not ns.phases:

@@ -16,9 +16,11 @@ of random tokens, causal-LM loss) are timed one by one. Per method:
 
 Configs: ``1b`` = TinyLlama-1.1B's shape (hidden 2048, 22 layers, MLP 5632, 32 heads, 4 KV heads,
 vocab 32000, untied), bf16 weights, sdpa attention, batch 4 x 1024 tokens; ``tiny`` (CPU, tests,
-``--quick``): hidden 64, 2 layers. Results go to ``<out>/model-<device>.json``; only full-size CUDA
-runs are written into bench/results/ (CPU and tiny runs go to runs/bench-model/ unless --out names
-another directory).
+``--quick``): hidden 128, 2 layers, 2 timed steps: a SMOKE RUN (it says so in its output and JSON), which
+checks that every method builds, trains and is measured, and says nothing about speed; a run of the tiny
+model or of fewer than 10 timed steps is one. Results go to ``<out>/model-<device>.json``, <out> being
+--out or the default output directory ($PEFTOPS_BENCH_OUT, else ~/.cache/peftops/bench/), outside the
+source tree; bench/results/ takes only full-size CUDA runs, and only when named with --out.
 
 What each row is:
   full         every parameter trains (bf16 weights, grads and AdamW state: "pure bf16", the
@@ -52,12 +54,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .harness import _sync, environment
+from .harness import RESULTS_DIR, _sync, environment, sample_stats
+from .harness import resolve_out_dir as _resolve_out_dir
 
 METHODS = ["full", "lora", "sift", "aot", "wegeft", "wegeft+safe"]
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-SCRATCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "bench-model")
+MIN_STEPS_TO_RANK = 10  # fewer timed steps: a smoke run
+MAX_STEP_SPREAD = 0.10  # (p90 - p10) / median of the step times above this: the row is UNSTABLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,12 +390,15 @@ def run_method(name: str, s: Settings, batch, device: torch.device, log=print) -
     final_loss = float(loss) if loss is not None else float("nan")
     state = measure_train_state(prep, batch)
     step_s = statistics.median(times) if times else float("nan")
+    st = sample_stats(times) if times else None
     log(f"{name}: median step {1e3 * step_s:.1f} ms over {len(times)} steps, loss {final_loss:.3f}")
     return {
         "method": name, "status": "ok", "note": prep.note,
         "trainable": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / max(total, 1),
         "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * t for t in times],
         "step_ms_min": 1e3 * min(times) if times else None,
+        "step_ms_max": 1e3 * max(times) if times else None,
+        "step_spread": st["spread"] if st and len(times) >= 3 else None,  # (p90 - p10) / median
         "tokens_per_s": s.tokens / step_s if step_s > 0 else None,
         "peak_mib": _mib(peak_alloc), "peak_reserved_mib": _mib(peak_reserved),
         "weights_mib": _mib(weights_alloc), "weights_and_optimizer_mib": _mib(state_alloc),
@@ -428,24 +434,56 @@ def _fmt(v, spec: str, suffix: str = "") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:{spec}}{suffix}"
 
 
-def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
+def smoke_reasons(s: Settings) -> list[str]:
+    """Why a run says nothing about speed (empty: it ranks the methods)."""
+    why = []
+    if s.spec.name == "tiny":
+        sp = s.spec
+        why.append(f"tiny Llama (hidden {sp.hidden_size}, {sp.num_hidden_layers} layers, batch {s.batch_size} x "
+                   f"{s.seq_len} tokens)")
+    if s.steps < MIN_STEPS_TO_RANK:
+        why.append(f"{s.steps} timed step{'s' if s.steps != 1 else ''} < {MIN_STEPS_TO_RANK}")
+    return why
+
+
+def smoke_banner(why: list[str], device: torch.device) -> str:
+    where = "; CPU: the reference ops, not the Triton kernels" if device.type != "cuda" else ""
+    return (f"SMOKE RUN ({'; '.join(why)}{where}): it checks that every method builds, trains and is measured; "
+            f"its step times say nothing about speed and rank nothing. For speed: a CUDA GPU, `python -m bench "
+            f"--model` (the 1.1B Llama, {SPECS['1b'].steps} timed steps).")
+
+
+def _step_cell(r: dict[str, Any]) -> str:
+    if r.get("step_ms_min") is None or r.get("step_ms_max") is None:
+        return _fmt(r["step_ms"], ".1f")
+    return f"{_fmt(r['step_ms'], '.1f')} ({_fmt(r['step_ms_min'], '.1f')}-{_fmt(r['step_ms_max'], '.1f')})"
+
+
+def format_table(rows: list[dict[str, Any]], device: torch.device, *, smoke: bool = False) -> str:
+    """The per-method table. ``smoke``: no tokens/s and no time ratios (they would rank nothing)."""
     cuda = device.type == "cuda"
-    head = ["method", "trainable", "%", "step ms" if cuda else "CPU step ms*", "tokens/s",
+    head = ["method", "trainable", "%", ("step ms" if cuda else "CPU step ms*") + " med (min-max)", "tokens/s",
             "peak MiB" if cuda else "train-state MiB**", "weights MiB", "time vs full", "mem vs full",
             "time vs lora", "mem vs lora", "note"]
+    drop = {"tokens/s", "time vs full", "time vs lora"} if smoke else set()
     lines = [head]
     for r in rows:
         if r.get("status") != "ok":
             lines.append([r["method"], r["status"].upper()] + ["-"] * (len(head) - 3) + [r.get("error", "")[:80]])
             continue
+        note = r["note"]
+        if not smoke and r.get("step_spread") is not None and r["step_spread"] > MAX_STEP_SPREAD:
+            note = f"UNSTABLE: step spread {100 * r['step_spread']:.0f}% > {100 * MAX_STEP_SPREAD:.0f}%; " + note
         lines.append([
-            r["method"], f"{r['trainable']:,}", _fmt(r["trainable_percent"], ".3f"), _fmt(r["step_ms"], ".1f"),
+            r["method"], f"{r['trainable']:,}", _fmt(r["trainable_percent"], ".3f"), _step_cell(r),
             _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["peak_mib"] if cuda else r["train_state_mib"], ",.1f"),
             _fmt(r["weights_mib"] if cuda else r["model_bytes_mib"], ",.1f"),
             _fmt(r["time_vs_full"], ".2f", "x"), _fmt(r["memory_vs_full"], ".2f", "x"),
-            _fmt(r["time_vs_lora"], ".2f", "x"), _fmt(r["memory_vs_lora"], ".2f", "x"), r["note"],
+            _fmt(r["time_vs_lora"], ".2f", "x"), _fmt(r["memory_vs_lora"], ".2f", "x"), note,
         ])
-    w = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
+    keep = [i for i, h in enumerate(head) if h not in drop]
+    lines = [[line[i] for i in keep] for line in lines]
+    w = [max(len(str(l[i])) for l in lines) for i in range(len(keep))]
     out = ["  ".join(str(c).ljust(x) for c, x in zip(l, w)).rstrip() for l in lines]
     out.insert(1, "  ".join("-" * x for x in w))
     if cuda:
@@ -455,6 +493,9 @@ def format_table(rows: list[dict[str, Any]], device: torch.device) -> str:
         out.append("* CPU step times are indicative only (the figures that matter need a CUDA GPU).")
         out.append("** gradients + optimizer state + activations saved for backward in one step (CPU has no "
                    "allocator peak); weights MiB: parameter and buffer bytes.")
+    if smoke:
+        out.append("smoke run: no tokens/s and no time ratios (step times of a smoke run rank nothing); the memory "
+                   "columns are byte counts and hold at any size.")
     return "\n".join(out)
 
 
@@ -479,14 +520,9 @@ def result_name(env: dict[str, Any], s: Settings, methods: list[str]) -> str:
 
 
 def resolve_out_dir(out_dir: str | None, *, official: bool) -> str:
-    """bench/results/ holds only full-size CUDA figures: other runs go to runs/bench-model/ (git-ignored)
-    unless another directory is named."""
-    if out_dir is None:
-        return RESULTS_DIR if official else SCRATCH_DIR
-    if not official and os.path.abspath(out_dir) == RESULTS_DIR:
-        print(f"note: CPU / tiny figures are not recorded in bench/results/; writing to {SCRATCH_DIR}")
-        return SCRATCH_DIR
-    return out_dir
+    """``out_dir``, or the default output directory (outside the source tree) when None; bench/results/ takes
+    only full-size CUDA figures (``official``) and only when named: anything else goes to the default."""
+    return _resolve_out_dir(out_dir, official=official)
 
 
 def _package_version(name: str) -> str | None:
@@ -535,6 +571,9 @@ def main(device: torch.device | str, quick: bool = False, out_dir: str | None = 
           f"{spec.intermediate_size}, heads {spec.num_attention_heads}/{spec.num_key_value_heads} KV, vocab "
           f"{spec.vocab_size}, {str(s.dtype)[6:]}, sdpa; batch {s.batch_size} x {s.seq_len} tokens; "
           f"{s.warmup} warm-up + {s.steps} timed steps; activation checkpointing {'on' if s.grad_ckpt else 'off'}")
+    smoke = smoke_reasons(s)
+    if smoke:
+        print(smoke_banner(smoke, device))
 
     g = torch.Generator().manual_seed(s.seed + 1)
     ids = torch.randint(0, spec.vocab_size, (s.batch_size, s.seq_len), generator=g).to(device)
@@ -566,12 +605,15 @@ def main(device: torch.device | str, quick: bool = False, out_dir: str | None = 
         torch.set_num_threads(threads)
     add_ratios(rows, device)
     print()
-    print(format_table(rows, device))
+    print(format_table(rows, device, smoke=bool(smoke)))
+    if smoke:
+        print(smoke_banner(smoke, device))
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, result_name(env, s, methods))
     with open(path, "w") as f:
         json.dump({"environment": env, "settings": s.to_json(), "tokens_per_step": s.tokens,
+                   "smoke": bool(smoke), "smoke_reasons": smoke,
                    "wall_s": time.perf_counter() - t_all, "rows": rows}, f, indent=1)
     print(f"wrote {path}")
     return 1 if any(r["status"] == "error" for r in rows) else 0

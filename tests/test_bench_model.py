@@ -66,12 +66,18 @@ def test_model_bench_tiny_cpu_all_methods(tmp_path, monkeypatch, capsys):
         rc = bench_cli.main(argv)
     out = capsys.readouterr().out
     assert rc == 0, out  # an OOM row is a result, not a failure
+    # the tiny model's 2 steps say nothing about speed: the output says so, and shows no time ratio
+    assert out.count("SMOKE RUN (tiny Llama") == 2 and "say nothing about speed" in out
+    (head,) = [ln for ln in out.splitlines() if ln.startswith("method ") and "trainable" in ln]
+    assert "time vs" not in head and "tokens/s" not in head and "mem vs full" in head
 
     files = glob.glob(os.path.join(tmp_path, "model-cpu-*.json"))
     assert len(files) == 1, files
     with open(files[0]) as f:
         res = json.load(f)
     assert res["settings"]["config"] == "tiny" and res["settings"]["dtype"] == "bfloat16"
+    assert res["smoke"] is True and any("tiny Llama" in w for w in res["smoke_reasons"])
+    assert any("2 timed steps < 10" == w for w in res["smoke_reasons"])
     assert res["environment"]["kernels"] == "reference" and res["environment"]["peft"]
     rows = {r["method"]: r for r in res["rows"]}
     assert list(rows) == methods
@@ -87,6 +93,7 @@ def test_model_bench_tiny_cpu_all_methods(tmp_path, monkeypatch, capsys):
         assert r["status"] == "ok", r
         assert r["trainable"] == expected[name], (name, r["trainable"], expected[name])
         assert len(r["step_ms_all"]) == 2 and all(math.isfinite(t) and t > 0 for t in r["step_ms_all"]), r
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] and r["step_spread"] is None  # < 3 steps
         assert r["tokens_per_s"] > 0 and math.isfinite(r["final_loss"])
         assert r["peak_mib"] is None  # CPU: no allocator peak
         assert r["train_state_mib"] == pytest.approx(
@@ -109,18 +116,39 @@ def test_model_bench_tiny_cpu_all_methods(tmp_path, monkeypatch, capsys):
     assert all(r() is None for r in built)
 
 
-def test_results_dir_only_for_full_size_cuda_runs(tmp_path):
-    assert bm.resolve_out_dir(None, official=True) == bm.RESULTS_DIR
-    assert bm.resolve_out_dir(None, official=False) == bm.SCRATCH_DIR
-    assert bm.resolve_out_dir(bm.RESULTS_DIR, official=False) == bm.SCRATCH_DIR
+def test_results_dir_only_for_full_size_cuda_runs_and_only_when_asked(tmp_path, monkeypatch):
+    """By default every run, a full-size CUDA one too, writes outside the source tree; bench/results/ only
+    when named, and only for official (full-size CUDA) figures."""
+    monkeypatch.setenv("PEFTOPS_BENCH_OUT", str(tmp_path / "default"))
+    default = str(tmp_path / "default")
+    assert bm.resolve_out_dir(None, official=True) == default
+    assert bm.resolve_out_dir(None, official=False) == default
+    assert bm.resolve_out_dir(bm.RESULTS_DIR, official=True) == bm.RESULTS_DIR
+    assert bm.resolve_out_dir(bm.RESULTS_DIR, official=False) == default
     assert bm.resolve_out_dir(str(tmp_path), official=False) == str(tmp_path)
-    assert bm.SCRATCH_DIR.endswith(os.path.join("runs", "bench-model"))
+    monkeypatch.delenv("PEFTOPS_BENCH_OUT")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert bm.resolve_out_dir(None, official=True) == str(tmp_path / "cache" / "peftops" / "bench")
     env = {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3"}
     s = bm.Settings(spec=bm.SPECS["1b"], batch_size=4, seq_len=1024, dtype=torch.bfloat16, warmup=3, steps=20,
                     grad_ckpt=False)
     assert bm.result_name(env, s, bm.METHODS) == "model-cuda-NVIDIA_H100_80GB_HBM3.json"
     s.grad_ckpt = True
     assert bm.result_name(env, s, ["sift"]) == "model-cuda-NVIDIA_H100_80GB_HBM3-ckpt-partial.json"
+
+
+def test_smoke_is_decided_by_size_and_steps():
+    big = bm.SPECS["1b"]
+    s = bm.Settings(spec=big, batch_size=4, seq_len=1024, dtype=torch.bfloat16, warmup=3, steps=20, grad_ckpt=False)
+    assert bm.smoke_reasons(s) == []
+    s.steps = 3
+    assert bm.smoke_reasons(s) == ["3 timed steps < 10"]
+    table = bm.format_table([{"method": "lora", "status": "ok", "note": "n", "trainable": 1, "trainable_percent": 1.0,
+                              "step_ms": 10.0, "step_ms_min": 5.0, "step_ms_max": 30.0, "step_spread": 0.9,
+                              "tokens_per_s": 1.0, "train_state_mib": 1.0, "model_bytes_mib": 1.0,
+                              "time_vs_full": None, "memory_vs_full": None, "time_vs_lora": 1.0,
+                              "memory_vs_lora": 1.0}], torch.device("cpu"))
+    assert "10.0 (5.0-30.0)" in table and "UNSTABLE: step spread 90% > 10%" in table and "time vs lora" in table
 
 
 def test_oom_detection():
