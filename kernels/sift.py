@@ -530,14 +530,14 @@ def _topk_pipeline(scores: torch.Tensor, k: int, rank: int, cap: int, sample: in
 
 
 def _topk_abs_select_triton(scores: torch.Tensor, k: int, *, sample: int | None = None,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, name: str = "scores") -> torch.Tensor:
     """``sample`` (sample size) and ``out`` (a preallocated int64 [k]) exist for tests."""
     n = scores.numel()
     sample = sample or _topk_params()["sample"]
     rank, cap = _sample_plan(n, k, sample)
     out, n_cand, n_nonfinite = _topk_pipeline(scores, k, rank, cap, sample, out)
     if n_nonfinite:
-        raise ValueError(f"scores: expected finite values, found {n_nonfinite} NaN/Inf entries")
+        raise ValueError(f"{name}: expected finite values, found {n_nonfinite} NaN/Inf entries")
     if n_cand < k:  # the sampled bound lay above the k-th largest key: every entry a candidate
         out, n_cand, _ = _topk_pipeline(scores, k, 0, n, sample, out)
     elif n_cand > cap:  # the buffer was too small (heavy ties at the bound): rerun at the exact size
@@ -753,15 +753,15 @@ def _check_k(k, numel: int) -> int:
     return k
 
 
-def topk_abs_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_abs_select(scores: torch.Tensor, k: int, *, name: str = "scores") -> torch.Tensor:
     """Flat indices (into scores.flatten(), row-major) of the k entries with the largest |score|,
-    ties to the lower index, returned ascending as int64 [k]. ValueError naming ``scores`` on
-    NaN/Inf and naming ``k`` unless 1 <= k <= numel."""
-    check_tensor("scores", scores, dtypes=FLOAT_DTYPES)
+    ties to the lower index, returned ascending as int64 [k]. ValueError naming ``scores`` (or
+    ``name``: a caller's own argument) on NaN/Inf and naming ``k`` unless 1 <= k <= numel."""
+    check_tensor(name, scores, dtypes=FLOAT_DTYPES)
     k = _check_k(k, scores.numel())
     if use_triton(scores):
-        return _topk_abs_select_triton(scores.detach().contiguous(), k)
-    check_finite("scores", scores)
+        return _topk_abs_select_triton(scores.detach().contiguous(), k, name=name)
+    check_finite(name, scores)
     return topk_abs_select_reference(scores, k)
 
 
@@ -817,7 +817,9 @@ def scatter_merged_(weight: torch.Tensor, flat_idx: torch.Tensor, w0_sel: torch.
 
 
 def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)):
         raise ValueError(f"{name}: expected a finite real number, got {value!r}")
     v = float(value)
     if lo is not None and (v <= lo if lo_open else v < lo):
@@ -839,7 +841,9 @@ def sparse_adamw_step_(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_s
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_tensor(name, t, dtypes=(delta.dtype,), shape=(k,), contiguous=True)
     check_same_device(weight=weight, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    if isinstance(step, bool) or not isinstance(step, int) and not (isinstance(step, float) and step.is_integer()):
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise TypeError(f"step: expected a positive int (1-based step count), got {type(step).__name__} {step!r}")
+    if not isinstance(step, numbers.Integral) and not (isinstance(step, float) and step.is_integer()):
         raise ValueError(f"step: expected a positive int (1-based step count), got {step!r}")
     step = int(step)
     if step < 1:
@@ -849,6 +853,8 @@ def sparse_adamw_step_(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_s
     beta2 = _check_number("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
     eps = _check_number("eps", eps, lo=0.0)
     weight_decay = _check_number("weight_decay", weight_decay, lo=0.0)
+    if not isinstance(maximize, bool):
+        raise TypeError(f"maximize: expected a bool, got {type(maximize).__name__} {maximize!r}")
     if k == 0:
         return None
     if use_triton(weight):

@@ -433,6 +433,9 @@ def _launch_thin_reduce(a, m, *, colsum=False, seed=0, thresh=0):
     k, n = m.shape
     r = a.shape[1]
     acc_dtype = torch.float64 if _is64(m) else torch.float32
+    if n == 0:  # d_out = 0 (ū, db) or d_in = 0 (dΦ, dΨ): empty results, and no tiles to split over
+        return torch.zeros((r, 0), dtype=acc_dtype, device=m.device), (
+            torch.zeros(0, dtype=acc_dtype, device=m.device) if colsum else None)
     rp = _rank_pad(r)
     if interpreting():
         bk, bn, target = 16, 32, 4
@@ -466,6 +469,9 @@ def _launch_kcat(a1, b1, a2, b2, bias, out):
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads BIAS + n (a strided bias would be read as garbage)
 
     _kcat_matmul_kernel[grid](
         a1, b1, a2, b2, bias if bias is not None else out, out,
@@ -624,7 +630,7 @@ def check_linear_inputs(x, weight, bias, phi, psi, scaling, dropout_p=0.0, path=
         check_tensor("bias", bias, shape=[d_out], dtypes=FLOAT_DTYPES)
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias: dtype {bias.dtype} does not match weight dtype {weight.dtype}")
-    check_same_device(x=x, weight=weight, bias=bias)
+    check_same_device(weight=weight, x=x, bias=bias)  # a stray x or bias is named, not the weight
     _check_scalar("scaling", scaling)
     _check_scalar("dropout_p", dropout_p, 0.0, 1.0, hi_open=True)
     if path not in PATHS:

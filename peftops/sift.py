@@ -33,7 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import model as _model
 from .kernels import sift as _k
-from .kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from .kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor
 
 __all__ = [
     "sift_k", "sift_select", "sift_linear", "SIFTLinear", "SparseAdamW", "sift_calibrate", "SIFTConfig",
@@ -59,28 +59,71 @@ def _check_density(density) -> float:
 
 
 def sift_k(numel: int, density: float) -> int:
-    """Entries kept per tensor: k = min(int(density · numel) + 1, numel) (the authors' formula)."""
+    """Entries kept per tensor: k = min(int(density · numel) + 1, numel) (the authors' formula);
+    ``numel`` an int >= 0 (0 gives k = 0)."""
+    if isinstance(numel, bool) or not isinstance(numel, numbers.Integral):
+        raise TypeError(f"numel: expected an int, got {type(numel).__name__}")
+    if numel < 0:
+        raise ValueError(f"numel: expected an int >= 0, got {numel}")
     density = _check_density(density)
-    return min(int(density * numel) + 1, int(numel))
+    return min(int(density * int(numel)) + 1, int(numel))
 
 
 def sift_select(grads_or_scores, density: float):
     """Top-k |score| flat indices per tensor, ascending (LongTensor [k]), lower index wins ties.
 
-    ``grads_or_scores``: a tensor or a dict name -> tensor (returns a dict with the same keys)."""
+    ``grads_or_scores``: a non-empty finite float tensor or a dict name -> tensor (returns a dict
+    with the same keys; nothing is selected unless every entry checks out)."""
     density = _check_density(density)
     if isinstance(grads_or_scores, Mapping):
-        return {name: sift_select(t, density) for name, t in grads_or_scores.items()}
-    check_tensor("grads_or_scores", grads_or_scores, dtypes=FLOAT_DTYPES)
-    if grads_or_scores.numel() == 0:
-        raise ValueError("grads_or_scores: expected a non-empty tensor")
-    k = sift_k(grads_or_scores.numel(), density)
-    return _k.topk_abs_select(grads_or_scores.detach(), k)
+        items = list(grads_or_scores.items())
+        for name, t in items:
+            _check_scores(f"grads_or_scores: entry {name!r}", t)
+        return {name: _select(f"grads_or_scores: entry {name!r}", t, density) for name, t in items}
+    _check_scores("grads_or_scores", grads_or_scores)
+    return _select("grads_or_scores", grads_or_scores, density)
+
+
+def _check_scores(label: str, t) -> None:
+    check_tensor(label, t, dtypes=FLOAT_DTYPES)
+    if t.numel() == 0:
+        raise ValueError(f"{label}: expected a non-empty tensor, got shape {list(t.shape)}")
+
+
+def _select(label: str, t: torch.Tensor, density: float) -> torch.Tensor:
+    # NaN/Inf are found by the selection's own pass over the scores (no extra pass here)
+    return _k.topk_abs_select(t.detach(), sift_k(t.numel(), density), name=label)
 
 
 # ----------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------
+_INDICES_CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # index tensor -> signature it passed with
+
+
+def _check_flat_indices(indices: torch.Tensor, numel: int, name: str = "indices") -> None:
+    """0 <= I[m] < numel and no flat index twice (any order), else IndexError / ValueError naming
+    ``name``. A duplicate would make the merged write keep one copy's value while the SDDMM gives
+    every copy the full gradient. Skipped for a tensor that already passed unchanged (same data
+    pointer, version counter, size, bound), so a training loop over one index set checks it once."""
+    try:
+        sig = (indices.data_ptr(), indices._version, indices.numel(), indices.dtype, indices.device, int(numel))
+    except RuntimeError:  # no storage (fake/meta): nothing to remember
+        sig = None
+    if sig is not None and _INDICES_CHECKED.get(indices) == sig:
+        return
+    check_index_range(name, indices, numel, what="entries")
+    if indices.numel() > 1:
+        srt = torch.sort(indices.detach().reshape(-1)).values
+        dup = srt[1:] == srt[:-1]
+        n_dup = int(dup.sum())
+        if n_dup:
+            raise ValueError(f"{name}: entries must be unique (expected unique flat indices), found {n_dup} "
+                             f"duplicate{'s' if n_dup > 1 else ''}, e.g. {int(srt[1:][dup][0])}")
+    if sig is not None:
+        _INDICES_CHECKED[indices] = sig
+
+
 def _merged_copy(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A fresh W_eff = W with W_eff[I] = round(W[I] + values) (accumulated in fp32/fp64)."""
     acc = _acc_dtype(weight.dtype)
@@ -121,6 +164,8 @@ def _(weight, indices, values):
 @torch.library.custom_op("peftops::sift_linear", mutates_args=())
 def _sift_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], indices: torch.Tensor,
                     values: torch.Tensor) -> torch.Tensor:
+    # checked here, on the real tensors, so that it also runs inside torch.compile(fullgraph=True)
+    _check_flat_indices(indices, weight.numel())
     return F.linear(x, _merged_copy(weight, indices, values), bias)
 
 
@@ -143,7 +188,8 @@ def _sift_linear_backward(ctx, dy):
     x, weight, indices, values = ctx.saved_tensors
     need_x, need_b, need_v = ctx.need
     d_out = dy.shape[-1]
-    dy2 = dy.reshape(-1, d_out).contiguous()
+    n_tok = math.prod(ctx.x_shape[:-1])  # not reshape(-1, d): ambiguous when d = 0
+    dy2 = dy.reshape(n_tok, d_out).contiguous()
     dx = db = dvalues = None
     if need_x:
         # One transient W_eff (the functional has no merged weight to reuse; SIFTLinear has).
@@ -154,7 +200,7 @@ def _sift_linear_backward(ctx, dy):
         # The SDDMM wants rows ascending: sort the index set once, un-permute the result.
         sorted_idx, perm = torch.sort(indices)
         rows, cols = _split_rows_cols(sorted_idx, ctx.d_in)
-        x2 = x.reshape(-1, ctx.d_in).contiguous()
+        x2 = x.reshape(n_tok, ctx.d_in).contiguous()
         g_sorted = _sddmm_op(dy2.to(x2.dtype), x2, rows, cols)
         dvalues = torch.empty_like(g_sorted).scatter_(0, perm, g_sorted).to(ctx.values_dtype)
     return dx, None, db, None, dvalues
@@ -188,14 +234,15 @@ def _merged_setup(ctx, inputs, output):
 def _merged_backward(ctx, dy):
     x, weight, rows, cols = ctx.saved_tensors
     need_x, need_b, need_d = ctx.need
-    dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+    n_tok = math.prod(ctx.x_shape[:-1])
+    dy2 = dy.reshape(n_tok, dy.shape[-1]).contiguous()
     dx = db = ddelta = None
     if need_x:
         dx = (dy2.to(weight.dtype) @ weight).reshape(ctx.x_shape)
     if need_b:
         db = dy2.sum(0)
     if need_d:
-        x2 = x.reshape(-1, ctx.d_in).contiguous()
+        x2 = x.reshape(n_tok, ctx.d_in).contiguous()
         ddelta = _sddmm_op(dy2.to(x2.dtype), x2, rows, cols).to(ctx.delta_dtype)
     return dx, None, db, ddelta, None, None
 
@@ -220,7 +267,8 @@ def _(weight, flat_idx, w0_sel, delta):
 def sift_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor,
                 values: torch.Tensor) -> torch.Tensor:
     """y = x (W + scatter(I, values))ᵀ + b for x [..., d_in], W [d_out, d_in], I flat indices [k]
-    (unique; any order), values [k]. W_eff[I] = round(W[I] + values) in fp32 (fp64 for fp64 W).
+    (unique, in [0, d_out·d_in); any order), values [k] of any float dtype. W_eff[I] = round(W[I] +
+    values) in fp32 (fp64 for fp64 W). x, W and b share one dtype; dvalues comes in values' dtype.
 
     Gradients flow to x, values (SDDMM, never a dense ∇W) and bias when they require grad;
     ``weight`` is treated as frozen and gets no gradient. Works under torch.compile(fullgraph=True).
@@ -271,6 +319,15 @@ def _install_optimizer_hook() -> None:
         _HOOK_HANDLE = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
+def _check_new_indices(indices, weight: torch.Tensor) -> None:
+    """An index set for ``weight``: 1-D int32/int64, 1..numel entries, in range, unique (any order)."""
+    check_tensor("indices", indices, ndim=1, dtypes=INDEX_DTYPES)
+    numel = weight.numel()
+    if not 1 <= indices.numel() <= numel:
+        raise ValueError(f"indices: expected 1..{numel} entries for a {list(weight.shape)} weight, got {indices.numel()}")
+    _check_flat_indices(indices, numel)
+
+
 class SIFTLinear(nn.Module):
     """nn.Linear with a sparse trainable increment: y = x (W0 + scatter(I, δ))ᵀ + b.
 
@@ -292,7 +349,14 @@ class SIFTLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float | None = None,
                  device=None, dtype=None):
         super().__init__()
-        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+                raise TypeError(f"{name}: expected an int, got {type(n).__name__} {n!r}")
+            if n < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {n}")
+        if density is not None:
+            _check_density(density)
+        base = nn.Linear(int(in_features), int(out_features), bias=bias, device=device, dtype=dtype)
         self._init_from(base.weight, base.bias, density)
 
     @classmethod
@@ -302,6 +366,8 @@ class SIFTLinear(nn.Module):
         index set (flat indices into weight, e.g. from ``sift_select``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        if indices is not None:  # before the linear's weight is frozen and wrapped
+            _check_new_indices(indices, linear.weight)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init_from(linear.weight, linear.bias, density)
@@ -346,16 +412,9 @@ class SIFTLinear(nn.Module):
         """Install the index set I (flat indices into weight; sorted here; must be unique).
         W is first restored to W0 if a previous selection was merged; δ restarts at 0, so optimizer
         state for this layer is invalid afterwards (SparseAdamW refuses to reuse it)."""
-        check_tensor("indices", indices, ndim=1, dtypes=INDEX_DTYPES)
-        numel = self.weight.numel()
-        if not 1 <= indices.numel() <= numel:
-            raise ValueError(f"indices: expected 1..{numel} entries for a {list(self.weight.shape)} weight, got {indices.numel()}")
+        _check_new_indices(indices, self.weight)
         idx = torch.sort(indices.detach().to(device=self.weight.device, dtype=torch.int64)).values
-        lo, hi = int(idx[0]), int(idx[-1])
-        if lo < 0 or hi >= numel:
-            raise IndexError(f"indices: entries must lie in [0, {numel}), found values in [{lo}, {hi}]")
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise ValueError("indices: entries must be unique")
+        self._protect_for_rollback(idx)
         self._resize_selection(idx.numel())  # restores W0 at the old index set first
         with torch.no_grad():
             self.indices.copy_(idx)
@@ -365,6 +424,20 @@ class SIFTLinear(nn.Module):
             self.cols.copy_(cols)
             self.delta.zero_()
         self._synced_version = self.delta._version  # W[I] == round(W0[I] + 0) == W0[I]
+
+    def _check_loaded_indices(self, idx, key: str) -> None:
+        """A checkpoint's index set, before anything is loaded: what set_indices keeps (1-D int,
+        at most numel entries, in range, strictly ascending), or none (an unselected layer)."""
+        check_tensor(f"state_dict: {key}", idx, ndim=1, dtypes=INDEX_DTYPES)
+        numel = self.weight.numel()
+        if idx.numel() > numel:
+            raise ValueError(f"state_dict: {key}: expected at most {numel} entries for a {list(self.weight.shape)} "
+                             f"weight, got {idx.numel()}")
+        if idx.is_meta:  # no values to check
+            return
+        check_index_range(f"state_dict: {key}", idx, numel, what="entries")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError(f"state_dict: {key}: expected strictly ascending flat indices (sorted, unique)")
 
     def _resize_selection(self, k: int) -> None:
         """Give indices / w0_sel / rows / cols / δ room for k entries (δ keeps its Parameter identity,
@@ -382,17 +455,28 @@ class SIFTLinear(nn.Module):
         self._synced_version = -1
         _DELTA_OWNERS[self.delta] = weakref.ref(self)
 
+    def _protect_for_rollback(self, new_indices: torch.Tensor | None = None) -> None:
+        """Inside an all-or-nothing model-level call: keep what the next write changes (the weight at
+        the old and new index sets, the k-sized buffers, δ) so an error can put it back."""
+        snap = _model.transaction()
+        if snap is not None:
+            idx = self.indices if new_indices is None else torch.cat([self.indices, new_indices.to(self.indices)])
+            snap.protect_entries(self.weight, idx)
+            snap.protect(self.indices, self.w0_sel, self.rows, self.cols, self.delta)
+
     @torch.no_grad()
     def restore_base_(self) -> None:
         """Write W0[I] back into W (bit-exact: W0[I] is kept as an exact upcast). The next forward
         merges δ again, so outputs stay adapted; call this to read the base weights back."""
         if self.selected:
+            self._protect_for_rollback()
             self.weight.view(-1)[self.indices] = self.w0_sel.to(self.weight.dtype)
             self._synced_version = -1
 
     def resync_(self) -> None:
         """W[I] = round(W0[I] + δ), in place (one k-sized scatter)."""
         if self.selected:
+            self._protect_for_rollback()
             with torch.no_grad():
                 _scatter_merged_op(self.weight, self.indices, self.w0_sel, self.delta.detach())
             self._synced_version = self.delta._version
@@ -430,8 +514,10 @@ class SIFTLinear(nn.Module):
                               error_msgs):
         # A checkpoint of a selected layer loads into an unselected one: size the selection first.
         idx = state_dict.get(prefix + "indices")
-        if isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.numel() != self.k:
-            self._resize_selection(idx.numel())
+        if idx is not None:
+            self._check_loaded_indices(idx, prefix + "indices")
+            if idx.numel() != self.k:
+                self._resize_selection(idx.numel())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self.selected:
@@ -457,8 +543,11 @@ class SIFTLinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, device=self.weight.device)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dim {self.in_features}, got shape {list(x.shape)}")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x: expected dtype {self.weight.dtype} (the weight's), got {x.dtype}")
         if not self.selected:
             if self._calibrating or not (torch.is_grad_enabled() and self.delta.requires_grad):
                 return F.linear(x, self.weight, self.bias)
@@ -505,6 +594,37 @@ def _adamw_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
+def _check_real(name: str, value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}{where}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}{where}")
+    return float(value)
+
+
+def _check_adamw_hparams(group: Mapping, where: str = "") -> tuple:
+    """(lr, betas, eps, weight_decay, maximize) of a param group, checked: lr, eps, weight_decay
+    finite >= 0, betas two finite numbers in [0, 1), maximize a bool (TypeError / ValueError naming
+    the field; ``where`` says which group)."""
+    out = {}
+    for name in ("lr", "eps", "weight_decay"):
+        v = _check_real(name, group[name], where)
+        if v < 0:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {group[name]!r}{where}")
+        out[name] = v
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas: expected a pair (beta1, beta2), got {type(betas).__name__} {betas!r}{where}")
+    if len(betas) != 2:
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {len(betas)}: {tuple(betas)!r}{where}")
+    b = tuple(_check_real("betas", v, where) for v in betas)
+    if not all(0.0 <= v < 1.0 for v in b):
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {tuple(betas)!r}{where}")
+    if not isinstance(group["maximize"], bool):
+        raise TypeError(f"maximize: expected a bool, got {type(group['maximize']).__name__} {group['maximize']!r}{where}")
+    return out["lr"], b, out["eps"], out["weight_decay"], group["maximize"]
+
+
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW whose SIFT δ parameters step with one fused kernel (m, v, δ and W[I] = round(W0[I] + δ));
     every other parameter (e.g. a classifier head) gets the standard AdamW math.
@@ -515,14 +635,8 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def __init__(self, params_or_model, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, maximize: bool = False):
-        if not (isinstance(lr, numbers.Real) and lr >= 0):
-            raise ValueError(f"lr: expected a number >= 0, got {lr!r}")
-        if not (isinstance(eps, numbers.Real) and eps >= 0):
-            raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-        if not (len(betas) == 2 and all(isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
-        if not (isinstance(weight_decay, numbers.Real) and weight_decay >= 0):
-            raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
+        lr, betas, eps, weight_decay, maximize = _check_adamw_hparams(
+            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
         self._owners: dict[int, weakref.ref] = {}
         if isinstance(params_or_model, nn.Module):
             for _, layer in sift_layers(params_or_model):
@@ -532,11 +646,16 @@ class SparseAdamW(torch.optim.Optimizer):
                 raise ValueError("params_or_model: the model has no parameter that requires grad")
         else:
             params = params_or_model
-        defaults = dict(lr=float(lr), betas=tuple(float(b) for b in betas), eps=float(eps),
-                        weight_decay=float(weight_decay), maximize=bool(maximize))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
         # id(δ) -> the layer's selection generation its moments belong to (process-local, not saved).
         self._selection_seen: dict[int, int] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        # a group's own lr/betas/... (constructor groups come through here too) are checked before it joins
+        if isinstance(param_group, Mapping):
+            _check_adamw_hparams({**self.defaults, **param_group}, f" (param group {len(self.param_groups)})")
+        super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
@@ -553,6 +672,9 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # schedulers and users rewrite param_groups: every group is checked before any state moves
+        for i, group in enumerate(self.param_groups):
+            _check_adamw_hparams(group, f" (param_groups[{i}])")
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -626,6 +748,7 @@ def _configured(model: nn.Module, field: str, default):
     return default
 
 
+@_model.atomic
 def sift_calibrate(model: nn.Module, batches: Iterable, *, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
                    calib_batches: int | None = None, density: float | None = None,
                    progress: bool = True) -> dict[str, torch.Tensor]:
@@ -840,7 +963,7 @@ class SIFTMethod(_model.Method):
 
     def load_adapter_state_dict(self, model: nn.Module, config: SIFTConfig, state: dict[str, torch.Tensor]) -> None:
         layers = dict(sift_layers(model))
-        if any(_MERGED_KEY in m.__dict__ for m in model.modules()):
+        if self.is_merged(model, config):
             raise ValueError("model: SIFT is merged; peftops.unmerge(model) before loading an adapter")
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         shapes: dict[str, torch.Tensor] = {}  # '<module>.weight_shape' (optional: older adapters lack it)
@@ -893,6 +1016,9 @@ class SIFTMethod(_model.Method):
             with torch.no_grad():
                 layer.delta.copy_(delta.to(device=layer.delta.device, dtype=layer.delta.dtype))
             layer.resync_()
+
+    def is_merged(self, model: nn.Module, config: SIFTConfig) -> bool:
+        return any(isinstance(m, nn.Linear) and _MERGED_KEY in m.__dict__ for m in model.modules())
 
     def merge(self, model: nn.Module, config: SIFTConfig) -> None:
         """Replace each SIFTLinear by a plain nn.Linear sharing the (merged) weight W0 + δ."""

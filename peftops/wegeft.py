@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .kernels import wegeft as K
-from .model import AdapterConfig, Method, check_state_matches, find_target_modules, register_method, replace_module
+from .kernels._checks import FLOAT_DTYPES, check_tensor
+from .model import (AdapterConfig, Method, check_state_matches, find_target_modules, register_method, replace_module,
+                    transaction)
 
 __all__ = ["wegeft_linear", "WeGeFTLinear", "WeGeFTConfig", "WeGeFTMethod", "LLAMA_TARGETS", "BERT_TARGETS"]
 
@@ -122,6 +125,20 @@ def _new_seed() -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
 
 
+def _check_seed(seed) -> None:
+    """None, an int, or an integer tensor with one element."""
+    if seed is None:
+        return
+    if isinstance(seed, Tensor):
+        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"dropout_seed: expected an integer tensor, got dtype {seed.dtype}")
+        if seed.numel() != 1:
+            raise ValueError(f"dropout_seed: expected one element, got shape {list(seed.shape)}")
+    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"dropout_seed: expected None, an int or a one-element integer tensor, "
+                        f"got {type(seed).__name__} {seed!r}")
+
+
 def wegeft_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor, scaling: float, *,
     dropout_p: float = 0.0, dropout_seed: Optional[int | Tensor] = None, path: str = "auto",
@@ -136,6 +153,7 @@ def wegeft_linear(
     K.check_linear_inputs(x, weight, bias, phi, psi, scaling, dropout_p, path)
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight: WeGeFT keeps the base weight frozen; call weight.requires_grad_(False)")
+    _check_seed(dropout_seed)
     d_out, d_in = weight.shape
     lead = x.shape[:-1]
     seed = None
@@ -146,7 +164,8 @@ def wegeft_linear(
             seed = dropout_seed.reshape(1).to(device="cpu", dtype=torch.int64)
         else:
             seed = torch.tensor([int(dropout_seed) & 0x7FFFFFFF], dtype=torch.int64)
-    y, _ = torch.ops.peftops.wegeft_linear(x.reshape(-1, d_in), weight, bias, phi, psi, float(scaling),
+    # math.prod, not -1: with d_in = 0 a [*, 0] reshape cannot infer the token count
+    y, _ = torch.ops.peftops.wegeft_linear(x.reshape(math.prod(lead), d_in), weight, bias, phi, psi, float(scaling),
                                            float(dropout_p), seed, path)
     return y.reshape(*lead, d_out)
 
@@ -183,23 +202,31 @@ class WeGeFTLinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
         _check_hparams(r, alpha, dropout, path, merge_backup)
+        if not isinstance(upcast_generators, bool):
+            raise TypeError(f"upcast_generators: expected a bool, got {type(upcast_generators).__name__} "
+                            f"{upcast_generators!r}")
+        if generator_key is not None and not isinstance(generator_key, str):
+            raise TypeError(f"generator_key: expected a str or None, got {type(generator_key).__name__}")
+        shape = (r, base.in_features)
+        for name, g in (("phi", phi), ("psi", psi)):  # before the base weight is frozen
+            if g is None:
+                continue
+            if not isinstance(g, nn.Parameter):
+                raise TypeError(f"{name}: expected an nn.Parameter, got {type(g).__name__}")
+            check_tensor(name, g, dtypes=FLOAT_DTYPES, device=base.weight.device)
+            if tuple(g.shape) != shape:
+                raise ValueError(f"{name}: expected shape {list(shape)} (r, in_features of the base layer), "
+                                 f"got {list(g.shape)}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
         gdtype = _generator_dtype(self.weight.dtype, upcast_generators)
-        shape = (r, self.in_features)
         if phi is None:
             phi = nn.Parameter(torch.zeros(shape, dtype=gdtype, device=self.weight.device))
         if psi is None:
             psi = nn.Parameter(torch.empty(shape, dtype=gdtype, device=self.weight.device))
             nn.init.kaiming_uniform_(psi, a=math.sqrt(5))  # nn.Linear's default init
-        for name, g in (("phi", phi), ("psi", psi)):
-            if not isinstance(g, nn.Parameter):
-                raise TypeError(f"{name}: expected an nn.Parameter, got {type(g).__name__}")
-            if tuple(g.shape) != shape:
-                raise ValueError(f"{name}: expected shape {list(shape)} (r, in_features of the base layer), "
-                                 f"got {list(g.shape)}")
         self.phi, self.psi = phi, psi
         self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
         self.dropout, self.path, self.merge_backup = float(dropout), path, merge_backup
@@ -216,11 +243,19 @@ class WeGeFTLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.weight, self.bias
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
-        if self.merged:
+        if self.merged:  # wegeft_linear's checks on x, so both states fail alike
+            check_tensor("x", x, dtypes=FLOAT_DTYPES, device=weight.device)
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                raise ValueError(f"x: last dim of shape {list(x.shape)} does not match weight in_features "
+                                 f"{self.in_features}")
+            if x.dtype != weight.dtype:
+                raise TypeError(f"x: dtype {x.dtype} does not match weight dtype {weight.dtype}")
             return nn.functional.linear(x, weight, bias)
         phi, psi = self._generators(weight.dtype)
         p = self.dropout if self.training else 0.0
@@ -260,11 +295,12 @@ class WeGeFTLinear(nn.Module):
 
 
 def _check_hparams(r, alpha, dropout, path, merge_backup):
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    # ValueError throughout, as AdapterConfig.validate promises (bool is an int subclass: refused)
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
         raise ValueError(f"r: expected an integer >= 1, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
     if path not in K.PATHS:
         raise ValueError(f"path: expected one of {K.PATHS}, got {path!r}")
@@ -307,7 +343,8 @@ class WeGeFTConfig(AdapterConfig):
         if self.exclude_modules is not None:
             if isinstance(self.exclude_modules, str):
                 self.exclude_modules = [self.exclude_modules]
-            if not all(isinstance(t, str) and t for t in self.exclude_modules):
+            if not isinstance(self.exclude_modules, (list, tuple)) or \
+                    not all(isinstance(t, str) and t for t in self.exclude_modules):
                 raise ValueError(f"exclude_modules: expected a list of non-empty strings, got {self.exclude_modules!r}")
         for name in ("share_generators", "upcast_generators"):
             if not isinstance(getattr(self, name), bool):
@@ -411,14 +448,28 @@ class WeGeFTMethod(Method):
     def load_adapter_state_dict(self, model: nn.Module, config: WeGeFTConfig, state: dict[str, Tensor]) -> None:
         params = self.adapter_state_dict(model, config)
         check_state_matches(params, state, "WeGeFT generator", "generators are [r, d_in] per target")
+        snap = transaction()
+        if snap is not None:
+            snap.protect(*params.values())
         with torch.no_grad():
             for key, p in params.items():
                 p.copy_(state[key].to(device=p.device, dtype=p.dtype))
 
+    def is_merged(self, model: nn.Module, config: WeGeFTConfig) -> bool:
+        return any(mod.merged for _, mod in _adapted(model))
+
     def merge(self, model: nn.Module, config: WeGeFTConfig) -> None:
+        snap = transaction()
         for _, mod in _adapted(model):
-            mod.merge()
+            if not mod.merged:
+                mod.merge()
+                if snap is not None:  # W comes back bit for bit from the merge backup
+                    snap.on_rollback(mod.unmerge)
 
     def unmerge(self, model: nn.Module, config: WeGeFTConfig) -> None:
+        snap = transaction()
         for _, mod in _adapted(model):
-            mod.unmerge()
+            if mod.merged:
+                mod.unmerge()
+                if snap is not None:  # the merge is deterministic: re-merging gives the same bits
+                    snap.on_rollback(mod.merge)

@@ -1,6 +1,7 @@
 """kernels/sift.py: every op on the reference and the Triton path (interpreter on CPU, compiled on
 CUDA) against float64 oracles, odd shapes, ties, all dtypes, NaN-poisoned outputs, bad input."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -49,13 +50,13 @@ def test_abs_accumulate(device, backend, grad_dtype, shape):
 def test_abs_accumulate_bad_input(device, backend):
     acc = torch.zeros(4, 5, device=device)
     with force_backend(backend):
-        with pytest.raises(TypeError, match="acc"):
+        with pytest.raises(TypeError, match=r"^acc: expected dtype"):
             K.abs_accumulate_(acc.bfloat16(), torch.ones(20, device=device))
-        with pytest.raises(ValueError, match="acc"):
+        with pytest.raises(ValueError, match=r"^acc: expected a contiguous tensor"):
             K.abs_accumulate_(torch.zeros(5, 4, device=device).t(), torch.ones(20, device=device))
-        with pytest.raises(ValueError, match="grad"):
+        with pytest.raises(ValueError, match=r"^grad: expected 20 elements"):
             K.abs_accumulate_(acc, torch.ones(21, device=device))
-        with pytest.raises(TypeError, match="grad"):
+        with pytest.raises(TypeError, match=r"^grad: expected dtype"):
             K.abs_accumulate_(acc, torch.ones(20, dtype=torch.int32, device=device))
 
 
@@ -93,7 +94,7 @@ TOPK_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("kind,shape,k", TOPK_CASES, ids=[f"{c[0]}-{c[1]}-k{c[2]}" for c in TOPK_CASES])
 def test_topk_abs_select(device, backend, dtype, kind, shape, k):
-    torch.manual_seed(hash((kind, shape, k)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((kind, shape, k)).encode()))  # stable across processes
     scores = _scores(kind, shape, dtype, device)
     with force_backend(backend):
         idx = K.topk_abs_select(scores, k)
@@ -160,16 +161,16 @@ def test_topk_bad_input(device, backend):
         for bad in (float("nan"), float("inf"), -float("inf")):
             y = x.clone()
             y[2, 3] = bad
-            with pytest.raises(ValueError, match="scores"):
+            with pytest.raises(ValueError, match=r"^scores: expected finite values"):
                 K.topk_abs_select(y, 5)
         for k in (0, -1, 43):
-            with pytest.raises(ValueError, match="k"):
+            with pytest.raises(ValueError, match=r"^k: expected 1 <= k <= numel = 42"):
                 K.topk_abs_select(x, k)
-        with pytest.raises(TypeError, match="k"):
+        with pytest.raises(TypeError, match=r"^k: expected an int"):
             K.topk_abs_select(x, 2.0)
-        with pytest.raises(TypeError, match="scores"):
+        with pytest.raises(TypeError, match=r"^scores: expected dtype"):
             K.topk_abs_select(x.long(), 2)
-        with pytest.raises(TypeError, match="scores"):
+        with pytest.raises(TypeError, match=r"^scores: expected a torch\.Tensor"):
             K.topk_abs_select(x.tolist(), 2)
 
 
@@ -234,21 +235,21 @@ def test_sddmm_bad_input(device, backend):
     dy, x = torch.randn(5, 4, device=device), torch.randn(5, 3, device=device)
     rows, cols = torch.tensor([0, 1, 3], device=device), torch.tensor([2, 0, 1], device=device)
     with force_backend(backend):
-        with pytest.raises(TypeError, match="x"):
+        with pytest.raises(TypeError, match=r"^x: expected dtype"):
             K.sddmm_at_indices(dy, x.double(), rows, cols)
-        with pytest.raises(ValueError, match="x"):
+        with pytest.raises(ValueError, match=r"^x: expected 5 rows"):
             K.sddmm_at_indices(dy, x[:4], rows, cols)
-        with pytest.raises(ValueError, match="dy"):
+        with pytest.raises(ValueError, match=r"^dy: expected 2 dims"):
             K.sddmm_at_indices(dy[0], x, rows, cols)
-        with pytest.raises(ValueError, match="rows"):
+        with pytest.raises(ValueError, match=r"^rows: expected 1 dims"):
             K.sddmm_at_indices(dy, x, rows[None], cols)
-        with pytest.raises(ValueError, match="cols"):
+        with pytest.raises(ValueError, match=r"^cols: expected shape"):
             K.sddmm_at_indices(dy, x, rows, cols[:2])
-        with pytest.raises(TypeError, match="cols"):
+        with pytest.raises(TypeError, match=r"^cols: expected dtype"):
             K.sddmm_at_indices(dy, x, rows, cols.float())
-        with pytest.raises(IndexError, match="rows"):
+        with pytest.raises(IndexError, match=r"^rows: row indices"):
             K.sddmm_at_indices(dy, x, torch.tensor([0, 1, 4], device=device), cols)
-        with pytest.raises(IndexError, match="cols"):
+        with pytest.raises(IndexError, match=r"^cols: column indices"):
             K.sddmm_at_indices(dy, x, rows, torch.tensor([0, -1, 1], device=device))
 
 
@@ -339,19 +340,19 @@ def test_sparse_adamw_step_bad_input(device, backend):
     with force_backend(backend):
         for name, value in [("step", 0), ("step", 1.5), ("lr", -1.0), ("lr", float("nan")), ("beta1", 1.0),
                             ("beta2", -0.1), ("eps", -1e-8), ("weight_decay", -0.1)]:
-            with pytest.raises(ValueError, match=name):
+            with pytest.raises(ValueError, match=rf"^{name}: expected "):
                 call(**{name: value})
-        with pytest.raises(ValueError, match="grad"):
+        with pytest.raises(ValueError, match=r"^grad: expected shape"):
             call(grad=torch.zeros(k + 1, device=device))
-        with pytest.raises(TypeError, match="exp_avg"):
+        with pytest.raises(TypeError, match=r"^exp_avg: expected dtype"):
             call(exp_avg=torch.zeros(k, dtype=torch.bfloat16, device=device))
-        with pytest.raises(ValueError, match="exp_avg_sq"):
+        with pytest.raises(ValueError, match=r"^exp_avg_sq: expected a contiguous tensor"):
             call(exp_avg_sq=torch.zeros(2 * k, device=device)[::2])
-        with pytest.raises(IndexError, match="flat_idx"):
+        with pytest.raises(IndexError, match=r"^flat_idx: flat indices"):
             call(flat_idx=torch.tensor([0, 1, 2, 3, 4, 77], device=device))
-        with pytest.raises(TypeError, match="w0_sel"):
+        with pytest.raises(TypeError, match=r"^w0_sel: expected dtype"):
             call(w0_sel=w0.double())
-        with pytest.raises(ValueError, match="weight"):
+        with pytest.raises(ValueError, match=r"^weight: expected a contiguous tensor"):
             call(weight=torch.zeros(11, 7, device=device).t())
 
 
@@ -361,15 +362,15 @@ def test_scatter_merged_bad_input(device, backend):
     idx = torch.tensor([0, 7, 19], device=device)
     w0, delta = torch.zeros(3, device=device), torch.zeros(3, device=device)
     with force_backend(backend):
-        with pytest.raises(IndexError, match="flat_idx"):
+        with pytest.raises(IndexError, match=r"^flat_idx: flat indices"):
             K.scatter_merged_(weight, torch.tensor([0, 7, 20], device=device), w0, delta)
-        with pytest.raises(TypeError, match="flat_idx"):
+        with pytest.raises(TypeError, match=r"^flat_idx: expected dtype"):
             K.scatter_merged_(weight, idx.float(), w0, delta)
-        with pytest.raises(ValueError, match="delta"):
+        with pytest.raises(ValueError, match=r"^delta: expected shape"):
             K.scatter_merged_(weight, idx, w0, delta[:2])
-        with pytest.raises(TypeError, match="w0_sel"):
+        with pytest.raises(TypeError, match=r"^w0_sel: expected dtype"):
             K.scatter_merged_(weight, idx, w0.bfloat16(), delta)
-        with pytest.raises(ValueError, match="weight"):
+        with pytest.raises(ValueError, match=r"^weight: expected a contiguous tensor"):
             K.scatter_merged_(torch.zeros(5, 4, device=device).t(), idx, w0, delta)
 
 
@@ -382,7 +383,7 @@ def test_index_range_check_is_cached_per_tensor_and_redone_after_a_write(device,
         K.scatter_merged_(weight, idx, z, z + 1)
         K.scatter_merged_(weight, idx, z, z + 2)  # same tensor, unchanged: no re-check needed
         idx[2] = 20  # an in-place write bumps the version counter: checked again
-        with pytest.raises(IndexError, match="flat_idx"):
+        with pytest.raises(IndexError, match=r"^flat_idx: flat indices"):
             K.scatter_merged_(weight, idx, z, z)
     assert weight.view(-1)[[0, 7, 19]].tolist() == [2.0, 2.0, 2.0]
 
@@ -391,5 +392,5 @@ def test_sparse_adamw_step_fp32_weight_accepts_no_fp64_state():
     weight = torch.zeros(3, 3)
     idx = torch.tensor([0, 4])
     z = torch.zeros(2, dtype=torch.float64)
-    with pytest.raises(TypeError, match="w0_sel"):
+    with pytest.raises(TypeError, match=r"^w0_sel: expected dtype"):
         K.scatter_merged_(weight, idx, z, z)

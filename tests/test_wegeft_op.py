@@ -142,3 +142,31 @@ def test_dropout_fresh_mask_per_call(device, backend):
         y4 = wegeft_linear(x, w, b, phi, psi, 1.0, dropout_p=0.5, dropout_seed=torch.tensor(5))
     assert not torch.allclose(y1, y2)
     assert torch.equal(y3, y4)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_strided_bias_and_empty_dims(device, backend):
+    """The fused Triton GEMM read the bias as contiguous (a [::2] bias gave wrong y); d_in = 0 failed
+    the [-1, d_in] reshape and d_out = 0 / d_in = 0 divided by zero in the split-K launcher."""
+    x, w, b, phi, psi = _leaves(3, 5, 4, 2, torch.float64, device)
+    b2 = torch.randn(8, dtype=torch.float64, device=device)[::2]
+    ref = x @ w.t() + 0.7 * (x @ psi.t()) @ (phi @ w.t()) + b2
+    with force_backend(backend):
+        for path in _paths(backend) + ("auto",):
+            assert_close(wegeft_linear(x, w, b2, phi, psi, 0.7, path=path), ref, torch.float64)
+            for d_out, d_in in ((4, 0), (0, 5)):
+                xs, bs, ps, qs = (torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True)
+                                  for s in ((3, d_in), (d_out,), (2, d_in), (2, d_in)))
+                ws = torch.randn(d_out, d_in, dtype=torch.float64, device=device)
+                y = wegeft_linear(xs, ws, bs, ps, qs, 0.7, path=path)
+                y.backward(torch.ones_like(y))
+                assert y.shape == (3, d_out) and xs.grad.shape == xs.shape and ps.grad.shape == ps.shape
+                assert_close(bs.grad, torch.full((d_out,), 3.0, dtype=torch.float64), torch.float64)
+
+
+def test_bad_dropout_seed_is_named():
+    x, w, b, phi, psi = _leaves(3, 4, 5, 2, torch.float32, "cpu")
+    for seed, exc in (("a", TypeError), (True, TypeError), (2.5, TypeError), (torch.tensor([1, 2]), ValueError),
+                      (torch.tensor(1.5), TypeError)):
+        with pytest.raises(exc, match=r"^dropout_seed:"):
+            wegeft_linear(x, w, b, phi, psi, 1.0, dropout_p=0.2, dropout_seed=seed)
