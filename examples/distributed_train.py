@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
         if args.method == "lora":
             model.save_pretrained(args.out)
         else:
-            peftops.save_adapter(model, args.out)
+            peftops.save_adapter(model, args.out, overwrite=True)
     if world > 1 and accelerator is None:
         dist.destroy_process_group()
     return result

@@ -13,10 +13,13 @@ applied to one model (their adapter tensors are saved under ``<method>::<name>``
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
-from typing import Any, ClassVar, Iterable
+import threading
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -34,18 +37,29 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 @dataclasses.dataclass
 class AdapterConfig:
-    """Base of every method's config. ``target_modules``: module-name suffixes to adapt."""
+    """Base of every method's config. ``target_modules``: module-name suffixes to adapt.
+    ``modules_to_save``: modules trained in full and saved with the adapter (a new task head), as
+    in PEFT; None = the head a transformers ``*ForSequenceClassification`` / ``*ForTokenClassification``
+    / ``*ForQuestionAnswering`` / ``*ForMultipleChoice`` model adds (``classifier``, ``score``,
+    ``qa_outputs``), resolved at ``apply``; ``[]`` = none."""
 
     method: ClassVar[str] = ""
     target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the field on a bad setting (subclasses extend)."""
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str):
-                self.target_modules = [self.target_modules]
-            if not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(f"target_modules: expected a list of non-empty strings, got {self.target_modules!r}")
+        for field in ("target_modules", "modules_to_save"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value):
+                raise ValueError(f"{field}: expected a list of non-empty strings, got {value!r}")
+            setattr(self, field, list(value))
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules: expected at least one module name (None: the method's defaults)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -87,6 +101,10 @@ class Method:
     def unmerge(self, model: nn.Module, config: AdapterConfig) -> None:
         raise NotImplementedError
 
+    def is_merged(self, model: nn.Module, config: AdapterConfig) -> bool:
+        """Whether the adapter is folded into the base (then loading new tensors must wait for unmerge)."""
+        return False
+
 
 _METHODS: dict[str, Method] = {}
 
@@ -107,6 +125,157 @@ def get_method(name: str) -> Method:
 
 def applied_configs(model: nn.Module) -> list[AdapterConfig]:
     return list(getattr(model, "_peftops_configs", []))
+
+
+# ----------------------------------------------------------------------------------------------
+# All-or-nothing model-level calls
+# ----------------------------------------------------------------------------------------------
+_CONTAINERS = (dict, list, set)
+
+
+def _shallow(value):
+    """(object, copy of its contents) for the containers a Module keeps in its __dict__ (parameter,
+    buffer, module and hook dicts, ...), restored in place so outside references (hook handles)
+    keep pointing at the live object."""
+    if isinstance(value, _CONTAINERS):
+        return (value, value.copy())
+    return None
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset()
+            and (a.is_meta or a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()))
+
+
+class ModelSnapshot:
+    """What a model-level call can change, captured before it runs, so ``restore`` puts it back.
+
+    Captured without copying tensor data: every reachable module's ``__dict__`` (its parameter,
+    buffer, submodule and hook containers, flags and attributes), every parameter's and buffer's
+    ``requires_grad``, ``.grad`` and ``.data`` (by reference), and the ``__dict__`` of any extra
+    objects (the caller's config). Tensor *data* changed in place is restored only where the call
+    declared it first: ``protect`` (a copy of the whole tensor, for small tensors), ``protect_entries``
+    (a copy of some flat entries, e.g. the k entries SIFT writes into a large weight) and
+    ``on_rollback`` (an exact inverse, e.g. WeGeFT's unmerge from its backup)."""
+
+    def __init__(self, model: nn.Module, objects: Iterable[Any] = ()):
+        self.model = model
+        self._modules = []
+        tensors: dict[int, torch.Tensor] = {}
+        for m in model.modules():
+            saved = {}
+            for k, v in m.__dict__.items():
+                saved[k] = _shallow(v) or (v, None)
+            self._modules.append((m, saved))
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
+                if t is not None:
+                    tensors[id(t)] = t
+        configs = {id(c): c for _, saved in self._modules for v, contents in saved.values()
+                   for c in (contents if isinstance(v, list) else [v]) if isinstance(c, AdapterConfig)}
+        self._tensors = [(t, t.requires_grad, t.grad, t.data) for t in tensors.values()]
+        self._known = set(tensors)
+        self._objects = [(o, dict(o.__dict__)) for o in [*objects, *configs.values()] if hasattr(o, "__dict__")]
+        self._protected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._undo: list = []
+
+    def protect(self, *tensors: torch.Tensor | None) -> None:
+        """Copy these tensors' data now (the first call wins); tensors made during the call need none."""
+        for t in tensors:
+            if t is not None and id(t) in self._known and id(t) not in self._protected:
+                self._protected[id(t)] = (t, t.detach().clone())
+
+    def protect_entries(self, tensor: torch.Tensor, flat_idx: torch.Tensor) -> None:
+        """Copy ``tensor``'s entries at these flat indices now (restored in reverse call order)."""
+        if id(tensor) not in self._known:
+            return
+        idx = flat_idx.detach().to(device=tensor.device, dtype=torch.int64).reshape(-1)
+        self._entries.append((tensor, idx, tensor.detach().reshape(-1)[idx].clone()))
+
+    def on_rollback(self, fn) -> None:
+        self._undo.append(fn)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        errors = []
+        for fn in reversed(self._undo):  # inverses first, while the modules are as the call left them
+            try:
+                fn()
+            except Exception as e:  # keep restoring the rest; reported below
+                errors.append(e)
+        for m, saved in self._modules:
+            for k in [k for k in m.__dict__ if k not in saved]:
+                del m.__dict__[k]
+            for k, (v, contents) in saved.items():
+                if contents is not None:
+                    v.clear()
+                    (v.update if isinstance(v, (dict, set)) else v.extend)(contents)
+                m.__dict__[k] = v
+        for t, flag, grad, data in self._tensors:
+            if not _same_view(t, data):
+                t.data = data
+            t.requires_grad_(flag)
+            t.grad = grad
+        for tensor, idx, values in reversed(self._entries):
+            tensor.detach().reshape(-1)[idx] = values
+        for t, saved in self._protected.values():
+            t.detach().copy_(saved)
+        for o, d in self._objects:
+            o.__dict__.clear()
+            o.__dict__.update(d)
+        if errors:
+            raise RuntimeError(f"model: restoring the model after an error failed too ({errors[0]!r})")
+
+
+_LOCAL = threading.local()  # the snapshots of the model-level calls running in this thread
+
+
+def _active() -> list[ModelSnapshot]:
+    if not hasattr(_LOCAL, "stack"):
+        _LOCAL.stack = []
+    return _LOCAL.stack
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module, *objects: Any) -> Iterator[ModelSnapshot]:
+    """Run a model-level call so that on any exception ``model`` (and ``objects``) is exactly as it
+    was before. A nested call on the same model joins the outer snapshot (restored once, by it)."""
+    stack = _active()
+    outer = next((s for s in stack if s.model is model), None)
+    if outer is not None:
+        outer._objects += [(o, dict(o.__dict__)) for o in objects if hasattr(o, "__dict__")]
+        yield outer
+        return
+    snap = ModelSnapshot(model, objects)
+    stack.append(snap)
+    try:
+        yield snap
+    except BaseException as error:
+        try:
+            snap.restore()
+        except RuntimeError as restore_error:
+            raise restore_error from error
+        raise
+    finally:
+        stack.pop()
+
+
+def transaction() -> ModelSnapshot | None:
+    """The snapshot of the model-level call running now (innermost), or None: nothing to protect."""
+    stack = _active()
+    return stack[-1] if stack else None
+
+
+def atomic(fn):
+    """Decorator: ``fn(model, ...)`` runs under ``all_or_nothing(model)``."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        with all_or_nothing(model, *[a for a in args if isinstance(a, AdapterConfig)]):
+            return fn(model, *args, **kwargs)
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,14 +320,61 @@ def check_state_matches(expected: dict[str, torch.Tensor], state: dict[str, torc
 # ----------------------------------------------------------------------------------------------
 # apply / merge
 # ----------------------------------------------------------------------------------------------
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+HEAD_MODULES = ("classifier", "score", "qa_outputs")
+_HEAD_MODEL_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                        "ForMultipleChoice")
+MODULES_PREFIX = "modules::"  # saved keys of modules_to_save tensors: modules::<module name>.<tensor>
+
+
+def _resolve_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The module names ``config.modules_to_save`` means in ``model`` (exact dotted names)."""
+    root = getattr(model, "_orig_mod", model)
+    if config.modules_to_save is None:
+        if not type(root).__name__.endswith(_HEAD_MODEL_SUFFIXES):
+            return []
+        return [n for n, _ in root.named_children() if n in HEAD_MODULES][:1]
+    names = []
+    for want in config.modules_to_save:
+        found = [n for n, _ in root.named_modules() if n and _matches(n, want)]
+        if not found:
+            raise ValueError(f"modules_to_save: no module of {type(root).__name__} is named {want!r}")
+        names += [n for n in found if n not in names]
+    return names
+
+
+def _check_saved_modules_not_adapted(model: nn.Module) -> None:
+    for n, mod in saved_modules(model):
+        if any(getattr(type(m), "peftops_adapter", False) for m in mod.modules()):
+            raise ValueError(f"modules_to_save: {n!r} holds a peftops adapter; a module is either adapted or "
+                             "trained in full, not both")
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module trained in full and saved with the adapters."""
+    root = getattr(model, "_orig_mod", model)
+    names: list[str] = []
+    for cfg in applied_configs(model):
+        names += [n for n in (cfg.modules_to_save or []) if n not in names]
+    return [(n, root.get_submodule(n)) for n in names]
+
+
+@atomic
 def apply(model: nn.Module, config: AdapterConfig, *, freeze_base: bool = True) -> nn.Module:
-    """Inject ``config``'s method into ``model`` in place (and return it).
+    """Inject ``config``'s method into ``model`` in place (and return it); all-or-nothing: on an
+    error the model (and ``config``) are as before.
 
     With ``freeze_base`` every parameter that exists before the call stops requiring grad, so
     only the adapter's own parameters train (the PEFT convention; classifier heads can be
     re-enabled with ``modules_to_save``-style code by the caller)."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config: expected a peftops AdapterConfig, got {type(config).__name__}")
+    _check_flag("freeze_base", freeze_base)
     config.validate()
     method = get_method(config.method)
     if any(c.method == config.method for c in applied_configs(model)):
@@ -169,20 +385,34 @@ def apply(model: nn.Module, config: AdapterConfig, *, freeze_base: bool = True) 
         for p in model.parameters():
             if id(p) not in adapters:
                 p.requires_grad_(False)
+    config.modules_to_save = _resolve_modules_to_save(model, config)
     method.apply(model, config)
     model._peftops_configs = applied_configs(model) + [config]
+    _check_saved_modules_not_adapted(model)  # after the injection: the adapter modules exist now
+    for _, mod in saved_modules(model):  # heads stay trainable under every method's freeze
+        mod.requires_grad_(True)
     return model
 
 
+@atomic
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every applied adapter into the base weights (outputs unchanged within dtype tolerance)."""
-    for cfg in applied_configs(model):
+    """Fold every applied adapter into the base weights (outputs unchanged within dtype tolerance);
+    all-or-nothing."""
+    cfgs = applied_configs(model)
+    if not cfgs:
+        raise ValueError("model: no peftops adapter is applied (call peftops.apply first)")
+    for cfg in cfgs:
         get_method(cfg.method).merge(model, cfg)
     return model
 
 
+@atomic
 def unmerge(model: nn.Module) -> nn.Module:
-    for cfg in reversed(applied_configs(model)):
+    """Undo ``merge`` (the base weights come back bit for bit); all-or-nothing."""
+    cfgs = applied_configs(model)
+    if not cfgs:
+        raise ValueError("model: no peftops adapter is applied (call peftops.apply first)")
+    for cfg in reversed(cfgs):
         get_method(cfg.method).unmerge(model, cfg)
     return model
 
@@ -199,18 +429,42 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for cfg in cfgs:
         for k, v in get_method(cfg.method).adapter_state_dict(model, cfg).items():
             out[f"{cfg.method}::{k}"] = v.detach().contiguous().cpu()
+    for name, mod in saved_modules(model):
+        for k, v in mod.state_dict().items():
+            out[f"{MODULES_PREFIX}{name}.{k}"] = v.detach().contiguous().cpu()
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+def _check_directory(directory) -> str:
+    if isinstance(directory, bytes) or not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a path (str or os.PathLike), got {type(directory).__name__}")
+    path = os.fspath(directory)
+    if not path:
+        raise ValueError("directory: expected a path, got ''")
+    return path
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write ``adapter_config.json`` (method, version, configs, tensor shapes/dtypes) and
-    ``adapter_model.safetensors`` into ``directory``."""
+    ``adapter_model.safetensors`` into ``directory`` (created if needed; other files in it are
+    left alone). An adapter already there is replaced only with ``overwrite=True``. Both files
+    are written under temporary names and renamed into place: a failed save leaves no
+    half-written adapter."""
     from safetensors.torch import save_file
 
     from . import __version__
 
+    path = _check_directory(directory)
+    _check_flag("overwrite", overwrite)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"directory: {path} exists and is not a directory")
+    present = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if os.path.exists(os.path.join(path, f))]
+    if present and not overwrite:
+        raise FileExistsError(f"directory: {path} already holds {present}; pass overwrite=True to replace "
+                              "that adapter, or save into another directory")
     state = adapter_state_dict(model)
-    os.makedirs(directory, exist_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "peftops_version": __version__,
@@ -218,57 +472,133 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         "adapters": [c.to_dict() for c in applied_configs(model)],
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in state.items()},
     }
-    save_file(state, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt", "peftops": "1"})
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    os.makedirs(path, exist_ok=True)
+    tmp = {f: os.path.join(path, f".{f}.tmp-{os.getpid()}") for f in (CONFIG_FILE, WEIGHTS_FILE)}
+    try:
+        save_file(state, tmp[WEIGHTS_FILE], metadata={"format": "pt", "peftops": "1"})
+        with open(tmp[CONFIG_FILE], "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        # weights first: a reader that finds the new config also finds the weights it describes
+        os.replace(tmp[WEIGHTS_FILE], os.path.join(path, WEIGHTS_FILE))
+        os.replace(tmp[CONFIG_FILE], os.path.join(path, CONFIG_FILE))
+    finally:
+        for t in tmp.values():
+            if os.path.exists(t):
+                os.remove(t)
+
+
+_JSON_DTYPES = {"float16", "bfloat16", "float32", "float64", "int32", "int64", "int8", "uint8", "bool", "int16"}
 
 
 def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter's metadata and tensors, every field checked (errors begin "directory: <file>")."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg_path = os.path.join(directory, CONFIG_FILE)
-    w_path = os.path.join(directory, WEIGHTS_FILE)
+    path = _check_directory(directory)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"directory: {path} is not a directory")
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    w_path = os.path.join(path, WEIGHTS_FILE)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"directory: no {os.path.basename(p)} in {directory!s}")
+            raise FileNotFoundError(f"directory: no {os.path.basename(p)} in {path}")
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"directory: {cfg_path}: {what}")
+
     try:
         with open(cfg_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        raise bad(f"not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "adapters" not in meta or "tensors" not in meta:
-        raise ValueError(f"{cfg_path}: not a peftops adapter config (missing 'adapters' or 'tensors')")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise bad("not a peftops adapter config (missing 'adapters' or 'tensors')")
+    version = meta.get("format_version")
+    if type(version) is not int:
+        raise bad(f"format_version: expected the integer {FORMAT_VERSION}, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise bad(f"format_version {version} was written by a newer peftops; this one ({FORMAT_VERSION}) cannot "
+                  "read it: upgrade peftops")
+    if version != FORMAT_VERSION:
+        raise bad(f"format_version: expected {FORMAT_VERSION}, got {version}")
+    adapters, declared = meta["adapters"], meta["tensors"]
+    if not isinstance(adapters, list) or not adapters or not all(isinstance(a, dict) for a in adapters):
+        raise bad(f"'adapters': expected a non-empty list of method configs, got {adapters!r:.80}")
+    methods = [a.get("method") for a in adapters]
+    if len(set(map(str, methods))) != len(methods):
+        raise bad(f"'adapters': each method may appear once, got {methods}")
+    cls = meta.get("base_model_class")
+    if cls is not None and not isinstance(cls, str):
+        raise bad(f"'base_model_class': expected a class name, got {cls!r}")
+    if not isinstance(declared, dict):
+        raise bad(f"'tensors': expected a mapping name -> {{shape, dtype}}, got {type(declared).__name__}")
+    for k, d in declared.items():
+        ok = (isinstance(d, dict) and isinstance(d.get("shape"), list) and d.get("dtype") in _JSON_DTYPES
+              and all(type(n) is int and n >= 0 for n in d["shape"]))
+        if not ok:
+            raise bad(f"'tensors'[{k!r}]: expected {{'shape': [non-negative ints], 'dtype': a dtype name}}, got {d!r}")
     try:
         state = load_file(w_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{w_path}: corrupted or unreadable safetensors file ({e})") from None
-    declared = meta["tensors"]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"directory: {w_path}: corrupted or unreadable safetensors file ({e})") from None
     if set(declared) != set(state):
         missing, extra = sorted(set(declared) - set(state)), sorted(set(state) - set(declared))
-        raise ValueError(f"{w_path}: tensors do not match {CONFIG_FILE} (missing {missing[:5]}, unexpected {extra[:5]})")
+        raise ValueError(f"directory: {w_path}: tensors do not match {CONFIG_FILE} (missing {missing[:5]}, "
+                         f"unexpected {extra[:5]})")
+    prefixes = {f"{m}::" for m in methods} | {MODULES_PREFIX}
     for k, v in state.items():
         d = declared[k]
+        if not any(k.startswith(p) for p in prefixes):
+            raise ValueError(f"directory: {w_path}: tensor {k!r} belongs to none of the adapters {methods}")
         if list(v.shape) != list(d["shape"]) or str(v.dtype).replace("torch.", "") != d["dtype"]:
-            raise ValueError(
-                f"{w_path}: tensor {k!r} is {list(v.shape)} {v.dtype}, {CONFIG_FILE} declares {d['shape']} {d['dtype']}"
-            )
+            raise ValueError(f"directory: {w_path}: tensor {k!r} is {list(v.shape)} {v.dtype}, {CONFIG_FILE} "
+                             f"declares {d['shape']} {d['dtype']}")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{w_path}: tensor {k!r} holds NaN/Inf values")
+            raise ValueError(f"directory: {w_path}: tensor {k!r} holds NaN/Inf values")
     return meta, state
 
 
+def _load_saved_modules(model: nn.Module, heads: dict[str, torch.Tensor]) -> None:
+    own = {f"{n}.{k}": v for n, mod in saved_modules(model) for k, v in mod.state_dict(keep_vars=True).items()}
+    check_state_matches(own, heads, "modules_to_save", "the saved task head must have this model's shape")
+    snap = transaction()
+    if snap is not None:
+        snap.protect(*own.values())
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(heads[k].to(device=t.device, dtype=t.dtype))
+
+
+def _check_base_class(model: nn.Module, meta: dict, path) -> None:
+    saved_cls, cls = meta.get("base_model_class"), type(getattr(model, "_orig_mod", model)).__name__
+    if saved_cls and saved_cls != cls:
+        raise ValueError(f"model: the adapter in {path!s} was saved from a {saved_cls}, this model is a {cls} "
+                         "(a different base model)")
+
+
+@atomic
 def load_adapter(model: nn.Module, directory: str | os.PathLike, *, freeze_base: bool = True) -> nn.Module:
-    """Apply the saved methods to ``model`` (a fresh base) and load their tensors.
+    """Apply the saved methods to ``model`` (a fresh base, or one with these methods applied and
+    not merged) and load their tensors; all-or-nothing.
 
     Every tensor is checked against the config and against the model: a name the model does not
-    have, a shape that does not fit, or a corrupted file raises ValueError naming what is wrong."""
+    have, a shape that does not fit, or a corrupted file raises naming what is wrong, and leaves
+    the model as it was."""
+    _check_flag("freeze_base", freeze_base)
     meta, state = _read_adapter(directory)
+    configs = []
     for entry in meta["adapters"]:
         method = get_method(entry.get("method", ""))
-        cfg = method.config_class.from_dict(entry)
+        # files written before modules_to_save existed hold no head: do not infer one for them
+        configs.append((method, method.config_class.from_dict({"modules_to_save": [], **entry})))
+    heads = {k[len(MODULES_PREFIX):]: v for k, v in state.items() if k.startswith(MODULES_PREFIX)}
+    for method, cfg in configs:
+        already = [c for c in applied_configs(model) if c.method == cfg.method]
+        if already and method.is_merged(model, already[0]):
+            raise ValueError(f"model: {cfg.method} is merged into the base weights; peftops.unmerge(model) before "
+                             "loading an adapter (loading would serve the merged, stale weights)")
+    for method, cfg in configs:
         already = [c for c in applied_configs(model) if c.method == cfg.method]
         if not already:
             apply(model, cfg, freeze_base=freeze_base)
@@ -277,11 +607,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, freeze_base:
         prefix = f"{cfg.method}::"
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         method.load_adapter_state_dict(model, cfg, sub)
-    # Last, so a method's own (more specific) check speaks first; shapes can coincide across models.
-    saved_cls, cls = meta.get("base_model_class"), type(getattr(model, "_orig_mod", model)).__name__
-    if saved_cls and saved_cls != cls:
-        raise ValueError(f"model: the adapter in {directory!s} was saved from a {saved_cls}, this model is a {cls} "
-                         "(a different base model)")
+    _load_saved_modules(model, heads)
+    # After the methods' own (more specific) checks; shapes can coincide across models, so this
+    # one catches the rest. Nothing stays changed when it fails: the call is all-or-nothing.
+    _check_base_class(model, meta, directory)
     return model
 
 

@@ -81,6 +81,15 @@ SCORE_MODES = ("last", "mean", "current")
 # ----------------------------------------------------------------------------------------------
 # Config and schedule
 # ----------------------------------------------------------------------------------------------
+_MANAGED_BY: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()  # model -> its SAFE
+
+
+def _managed(model: nn.Module) -> nn.Module:
+    """The module that carries the one-SAFE-per-model mark: DDP's inner module, else the model."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -93,7 +102,10 @@ class SAFEConfig:
     keeps the measuring cost of a warm-up near 1-3% of its time even on small models, where one
     measuring step costs 10-30% extra), ``max_tokens`` (random valid tokens per measurement;
     None = all; >= 2; 1024 keeps most adapters in the cheap T x T form), ``seed`` of that
-    sampling."""
+    sampling. ``allow_freezing_all``: False (default) keeps the most important unit training when
+    the schedule would otherwise freeze the last trainable parameter of the model (with a warning
+    naming it), so a high threshold never ends in autograd's "does not require grad"; True lets
+    the schedule freeze everything."""
 
     warmup_steps: int
     ramp_end_step: int
@@ -102,6 +114,7 @@ class SAFEConfig:
     measure_interval: int = 10
     max_tokens: int | None = 1024
     seed: int = 0
+    allow_freezing_all: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -125,6 +138,8 @@ class SAFEConfig:
                              f"got {self.max_tokens!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed: expected an integer, got {self.seed!r}")
+        if not isinstance(self.allow_freezing_all, bool):
+            raise ValueError(f"allow_freezing_all: expected True or False, got {self.allow_freezing_all!r}")
 
     def threshold(self, step: int) -> float:
         """T(t) = T_f (1 - (1 - p)^3), p = clip((t - t_w) / (t_f - t_w), 0, 1)."""
@@ -401,6 +416,7 @@ class SAFE:
             self._check_ranks_agree(start_step)
         if float(config.final_threshold) > 0:
             self._check_ddp_allows_freezing(self._unique_params())
+        self._check_not_managed()
         self.begin_step(start_step)
 
     # -- public views -----------------------------------------------------------------------------
@@ -437,9 +453,15 @@ class SAFE:
         return self.begin_step(global_step)
 
     def begin_step(self, step: int) -> list[str]:
-        """Prepare step ``step``: freeze units whose score < T(step), arm hooks if it measures."""
+        """Prepare step ``step``: freeze units whose score < T(step), arm hooks if it measures.
+        Steps only move forward (a restart from a checkpoint builds a new SAFE with ``start_step``
+        and ``load_state_dict``)."""
         if not _is_int(step) or step < 0:
             raise ValueError(f"step: expected an integer >= 0, got {step!r}")
+        if self._current is not None and step < self._current:
+            raise ValueError(f"step: expected a step >= {self._current} (the step already prepared; steps only move "
+                             f"forward), got {step}; to restart from a checkpoint build a new SAFE with start_step")
+        self._check_not_managed()
         if self._current == step and self._entry is not None:
             return []
         self._disarm()
@@ -453,6 +475,7 @@ class SAFE:
                 s = self._compared_score(u)
                 if s is not None and s < thr:
                     newly.append(u)
+        newly = self._keep_something_training(newly)
         self._freeze_units(newly, step)
         self._reassert_frozen()
         measuring = self.config.measures(step) and any(not u.frozen for u in self.units)
@@ -503,6 +526,9 @@ class SAFE:
                 raise KeyError(f"names: unknown adapter units {unknown[:5]}; known e.g. {self.unit_names[:3]}")
             chosen = [self._by_name[n] for n in names]
         chosen = [u for u in chosen if not u.frozen]
+        if not self.config.allow_freezing_all and self._nothing_would_train(chosen):
+            raise ValueError(f"names: freezing {[u.name for u in chosen][:5]} would leave nothing in the model to "
+                             "train; keep one unit, or set SAFEConfig(allow_freezing_all=True)")
         self._freeze_units(chosen, self._current if step is None else step)
         if self._entry is not None:
             self._entry["newly_frozen"] = self._entry["newly_frozen"] + [u.name for u in chosen]
@@ -518,8 +544,23 @@ class SAFE:
                 self._drop_state(optimizer, p)
 
     def remove(self) -> None:
-        """Remove every hook SAFE registered (frozen parameters stay frozen)."""
+        """Remove every hook SAFE registered (frozen parameters stay frozen) and let another SAFE
+        manage the model (a later ``begin_step`` takes it back if no other one did)."""
         self._disarm()
+        key = _managed(self.model)
+        ref = _MANAGED_BY.get(key)
+        if ref is not None and ref() is self:
+            del _MANAGED_BY[key]
+
+    def _check_not_managed(self) -> None:
+        """One SAFE per model: two would each freeze by their own scores and hooks."""
+        key = _managed(self.model)
+        ref = _MANAGED_BY.get(key)
+        other = ref() if ref is not None else None
+        if other is not None and other is not self:
+            raise ValueError("model: another SAFE already manages this model; call .remove() on it first "
+                             "(two controllers would freeze by separate scores)")
+        _MANAGED_BY[key] = weakref.ref(self)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -528,18 +569,26 @@ class SAFE:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore histories and frozen units (freezing them again) from ``state_dict()``."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected the dict of SAFE.state_dict(), got {type(state).__name__}")
         for name in list(state.get("history", {})) + list(state.get("frozen", {})):
             if name not in self._by_name:
                 raise KeyError(f"state: unknown adapter unit {name!r}")
-        for name, hist in state.get("history", {}).items():
-            self._by_name[name].history = [(int(t), float(s)) for t, s in hist]
+        try:  # everything parsed before anything changes
+            histories = {name: [(int(t), float(s)) for t, s in hist] for name, hist in state.get("history", {}).items()}
+            frozen = {name: int(t) for name, t in state.get("frozen", {}).items()}
+            log = list(state.get("log", []))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state: not a SAFE.state_dict() ({e})") from None
+        for name, hist in histories.items():
+            self._by_name[name].history = hist
         by_step: dict[int, list[AdapterUnit]] = {}
-        for name, t in state.get("frozen", {}).items():
+        for name, t in frozen.items():
             if not self._by_name[name].frozen:
-                by_step.setdefault(int(t), []).append(self._by_name[name])
+                by_step.setdefault(t, []).append(self._by_name[name])
         for t, us in sorted(by_step.items()):
             self._freeze_units(us, t)
-        self.log = list(state.get("log", [])) + [e for e in self.log if e not in state.get("log", [])]
+        self.log = log + [e for e in self.log if e not in log]
 
     # -- report -----------------------------------------------------------------------------------
     def report(self) -> str:
@@ -608,10 +657,32 @@ class SAFE:
         if state is not None and p in state:
             del state[p]
 
-    def _freeze_units(self, units: list[AdapterUnit], step) -> None:
+    def _turning_off(self, units: list[AdapterUnit]) -> list[nn.Parameter]:
+        """The parameters freezing ``units`` would stop (a parameter shared by units stops with the last)."""
         chosen = {id(u) for u in units}
-        turning_off = [p for u in units for p in u.params if p.requires_grad
-                       and all(o.frozen or id(o) in chosen for o in self._owners[id(p)])]
+        return [p for u in units for p in u.params if p.requires_grad
+                and all(o.frozen or id(o) in chosen for o in self._owners[id(p)])]
+
+    def _nothing_would_train(self, units: list[AdapterUnit]) -> bool:
+        off = {id(p) for p in self._turning_off(units)}
+        return bool(off) and not any(p.requires_grad and id(p) not in off for p in self.model.parameters())
+
+    def _keep_something_training(self, units: list[AdapterUnit]) -> list[AdapterUnit]:
+        """Unless ``allow_freezing_all``: drop from the schedule's freeze list the most important
+        unit when freezing them all would leave the model with no trainable parameter."""
+        if self.config.allow_freezing_all or not units or not self._nothing_would_train(units):
+            return units
+        keep = max(units, key=lambda u: self._compared_score(u) or 0.0)
+        if not self._warned_all_frozen:
+            self._warned_all_frozen = True
+            warnings.warn(f"SAFE: threshold {self.config.threshold(self._current):.4f} would freeze every adapter unit "
+                          f"and leave nothing in the model to train; keeping the most important one, {keep.name!r}, "
+                          "training (lower final_threshold, or set SAFEConfig(allow_freezing_all=True) to freeze "
+                          "everything)", stacklevel=3)
+        return [u for u in units if u is not keep]
+
+    def _freeze_units(self, units: list[AdapterUnit], step) -> None:
+        turning_off = self._turning_off(units)
         if turning_off:
             self._check_ddp_allows_freezing(turning_off)  # before any state changes
         for u in units:
@@ -626,7 +697,7 @@ class SAFE:
         if units and all(u.frozen for u in self.units) and not self._warned_all_frozen:
             self._warned_all_frozen = True
             warnings.warn("SAFE: every adapter unit is frozen; unless other parameters train, the loss no longer "
-                          "requires grad (lower final_threshold to keep some adapters training)", stacklevel=3)
+                          "requires grad (lower final_threshold to keep some adapters training)", stacklevel=4)
 
     def _reassert_frozen(self) -> None:
         # PEFT's set_adapter / enable_adapters turn requires_grad back on: frozen stays frozen.

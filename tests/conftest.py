@@ -17,6 +17,19 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 
+try:  # the property suites (tests/test_properties_*.py); deterministic, so CI is reproducible
+    from hypothesis import HealthCheck, settings
+
+    _suppress = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    # "ci": few examples, derandomized (the same cases every run); "thorough": a local bug hunt
+    settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None,
+                              suppress_health_check=_suppress, print_blob=True)
+    settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=_suppress,
+                              print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is in the [test] extra; without it the property suites skip
+    pass
+
 
 def pytest_addoption(parser):
     parser.addoption("--benchmark", action="store_true", default=False,

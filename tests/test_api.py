@@ -110,6 +110,10 @@ def _adapter_params(model) -> list:
     return out
 
 
+def _head_params(model) -> list:
+    return [p for _, mod in peftops.model.saved_modules(model) for p in mod.parameters()]
+
+
 def _logits(model, batch):
     with torch.no_grad():
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -118,8 +122,11 @@ def _logits(model, batch):
 def _check_base_weights(model, base, msg=""):
     """Every base parameter is unchanged, except SIFT weights: W == round(W0 + scatter(I, δ))."""
     sift_weights = {id(layer.weight): layer for _, layer in sift_layers(model)}
+    heads = {id(p) for p in _head_params(model)}  # trained in full
     for name, p0 in base.named_parameters():
         p = model.get_parameter(name)
+        if id(p) in heads:
+            continue
         layer = sift_weights.get(id(p))
         if layer is None:
             assert torch.equal(p, p0), f"{msg}: base parameter {name} changed"
@@ -150,8 +157,10 @@ def test_apply_summary_and_plain_loop(row, kind):
     assert summary["total"] == sum(p.numel() for p in model.parameters())
     assert 0 < summary["percent"] < 100
     assert f"trainable params: {summary['trainable']:,}" in summary["text"]
-    # what trains is exactly what the adapter modules declare (SAFE relies on it)
-    assert {id(p) for p in trainable} == {id(p) for p in _adapter_params(model)}
+    # what trains is exactly what the adapter modules declare (SAFE relies on it), plus the new
+    # classification head (modules_to_save, resolved by apply) on the BERT classifier
+    assert {id(p) for p in trainable} == {id(p) for p in _adapter_params(model)} | {id(p) for p in _head_params(model)}
+    assert bool(_head_params(model)) == (kind == "bert")
 
     batch = _batch(kind)
     opt = torch.optim.AdamW(trainable, lr=2e-2)
@@ -303,8 +312,10 @@ def test_merge_unmerge(row, kind):
     if any(isinstance(m, SIFTLinear) for m in model.modules()):  # pragma: no cover - merge replaces them
         raise AssertionError("SIFTLinear left after merge")
     peftops.unmerge(model)
+    heads = {id(p) for p in _head_params(model)}  # trained in full, never merged
     for name, p0 in base.named_parameters():
-        assert torch.equal(model.get_parameter(name), p0), f"unmerge did not restore {name}"
+        if id(model.get_parameter(name)) not in heads:
+            assert torch.equal(model.get_parameter(name), p0), f"unmerge did not restore {name}"
     torch.testing.assert_close(_logits(model, batch), adapted, atol=0, rtol=0)  # adapters still active
     # still trainable after unmerge
     model.train()

@@ -57,11 +57,12 @@ def _global_batches():
 def _config(method):
     import peftops
 
+    # adapters only (modules_to_save=[]): the all-reduce volume checked below is the adapter's
     if method.startswith("sift"):
-        return peftops.SIFTConfig(density=DENSITY)
+        return peftops.SIFTConfig(density=DENSITY, modules_to_save=[])
     if method == "wegeft":
-        return peftops.WeGeFTConfig(r=4, alpha=8.0)
-    return peftops.AoTConfig(reparam="kron", rank=3)
+        return peftops.WeGeFTConfig(r=4, alpha=8.0, modules_to_save=[])
+    return peftops.AoTConfig(reparam="kron", rank=3, modules_to_save=[])
 
 
 def _build(method, calib):

@@ -88,7 +88,8 @@ def _tiny_bert(n_layers=4, embedding_lora=False, seed=0):
 
 
 def _cfg(**kw):
-    base = dict(warmup_steps=3, ramp_end_step=7, final_threshold=0.8, max_tokens=None)
+    # the freezing mechanics tests freeze every unit on purpose; the default cap is tested on its own
+    base = dict(warmup_steps=3, ramp_end_step=7, final_threshold=0.8, max_tokens=None, allow_freezing_all=True)
     base.update(kw)
     return SAFEConfig(**base)
 
@@ -485,14 +486,14 @@ def _aot_model(reparam="direct"):
     import peftops
     from peftops.aot import AoTConfig
 
-    return peftops.apply(_bert_base(), AoTConfig(reparam=reparam, rank=4)).train()
+    return peftops.apply(_bert_base(), AoTConfig(reparam=reparam, rank=4, modules_to_save=[])).train()
 
 
 def _sift_model():
     import peftops
     from peftops.sift import SIFTConfig, sift_calibrate
 
-    model = peftops.apply(_bert_base(), SIFTConfig(density=0.05))
+    model = peftops.apply(_bert_base(), SIFTConfig(density=0.05, modules_to_save=[]))  # adapters only
     with force_backend("reference"):
         sift_calibrate(model, [_batch(vocab=30, b=2, s=6, seed=9)], progress=False)
     return model.train()
@@ -502,7 +503,7 @@ def _wegeft_model(shared=False):
     import peftops
     from peftops.wegeft import WeGeFTConfig
 
-    model = peftops.apply(_bert_base(), WeGeFTConfig(r=4, alpha=8.0, share_generators=shared))
+    model = peftops.apply(_bert_base(), WeGeFTConfig(r=4, alpha=8.0, share_generators=shared, modules_to_save=[]))
     for u in find_adapter_units(model):  # Φ starts at 0: make the generated branch non-trivial
         with torch.no_grad():
             u.module.phi.normal_(0, 0.1)
@@ -595,7 +596,8 @@ def test_callback_in_a_real_trainer_run(tmp_path):
         learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
         disable_tqdm=True, dataloader_num_workers=0,
     )
-    callback = safe_mod.SAFECallback(SAFEConfig(warmup_steps=2, ramp_end_step=4, final_threshold=1.0, max_tokens=16))
+    callback = safe_mod.SAFECallback(SAFEConfig(warmup_steps=2, ramp_end_step=4, final_threshold=1.0, max_tokens=16,
+                                                allow_freezing_all=True))
     assert isinstance(callback, transformers.TrainerCallback)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     before = _hook_count(model)
@@ -639,3 +641,27 @@ def test_report_state_dict_and_errors():
     with pytest.raises(TypeError, match="config_or_safe"):
         safe_mod.SAFECallback(3)
     assert find_adapter_units(nn.Linear(2, 2)) == []
+
+
+def test_default_keeps_the_most_important_unit_training_instead_of_freezing_everything():
+    model = StackModel(n=3)
+    safe = SAFE(model, SAFEConfig(warmup_steps=1, ramp_end_step=2, final_threshold=1.0, max_tokens=None))
+    safe.record_scores(0, {"blocks.0": 0.2, "blocks.1": 0.7, "blocks.2": 0.4})
+    with pytest.warns(UserWarning, match=r"would freeze every adapter unit .* 'blocks.1'"):
+        newly = safe.begin_step(2)
+    assert sorted(newly) == ["blocks.0", "blocks.2"] and safe.frozen == ["blocks.0", "blocks.2"]
+    assert any(p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, 30, (2, 5))
+    model(ids, labels=torch.tensor([0, 1]))["loss"].backward()  # still trains: no "does not require grad"
+    with pytest.raises(ValueError, match=r"^names: freezing \['blocks.1'\] would leave nothing"):
+        safe.freeze(["blocks.1"])
+    assert safe.frozen == ["blocks.0", "blocks.2"]
+
+
+def test_freezing_all_adapters_is_fine_when_something_else_trains():
+    model = StackModel(n=2)
+    head = model.head.requires_grad_(True)  # trains on: the adapters may all freeze without a warning
+    safe = SAFE(model, SAFEConfig(warmup_steps=1, ramp_end_step=2, final_threshold=1.0, max_tokens=None))
+    safe.record_scores(0, {"blocks.0": 0.2, "blocks.1": 0.7})
+    safe.begin_step(2)
+    assert sorted(safe.frozen) == ["blocks.0", "blocks.1"] and head.weight.requires_grad

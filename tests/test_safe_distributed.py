@@ -135,7 +135,8 @@ def _error_worker(rank, port, out_dir):
     result = {}
     try:
         with peftops.force_backend("reference"):
-            cfg = peftops.SAFEConfig(warmup_steps=1, ramp_end_step=2, final_threshold=1.0, max_tokens=None)
+            cfg = peftops.SAFEConfig(warmup_steps=1, ramp_end_step=2, final_threshold=1.0, max_tokens=None,
+                                     allow_freezing_all=True)
             # (0) ranks with different configs would decide differently: refused on every rank
             try:
                 peftops.SAFE(_model(), peftops.SAFEConfig(warmup_steps=1, ramp_end_step=2 + rank, final_threshold=0.0))

@@ -223,14 +223,13 @@ def test_save_load_merge_unmerge(kind, tmp_path):
     assert meta["adapters"][0]["method"] == "sift" and meta["adapters"][0]["density"] == DENSITY
     state = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
     layers = dict(sift_layers(model))
-    assert set(state) == {f"sift::{n}.{f}" for n in layers for f in ("indices", "delta", "weight_shape")}
+    heads = {f"modules::classifier.{f}" for f in ("weight", "bias")} if kind == "bert" else set()  # the new head
+    assert set(state) == {f"sift::{n}.{f}" for n in layers for f in ("indices", "delta", "weight_shape")} | heads
     for n, layer in layers.items():
         assert state[f"sift::{n}.indices"].dtype == torch.int64 and state[f"sift::{n}.delta"].dtype == torch.float32
 
     fresh = copy.deepcopy(base)
-    peftops.load_adapter(fresh, tmp_path)
-    if kind == "bert":  # the head is not part of a SIFT adapter: carry it over for the comparison
-        fresh.classifier.load_state_dict(model.classifier.state_dict())
+    peftops.load_adapter(fresh, tmp_path)  # the trained head comes back with it (modules_to_save)
     with torch.no_grad():
         assert torch.equal(fresh(**batches[2]).logits, expected)
     for n, layer in sift_layers(fresh):
@@ -367,7 +366,9 @@ def test_config_and_apply():
     assert len(names) == 8 and all(n.endswith(("query", "key", "value", "attention.output.dense")) for n in names)
     assert bert._peftops_configs[0].target_modules == BERT_TARGETS
     trainable = [n for n, p in bert.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith(".delta") for n in trainable)
+    # the deltas, and the classifier's new head (modules_to_save, inferred for *ForSequenceClassification)
+    assert trainable and all(n.endswith(".delta") or n.startswith("classifier.") for n in trainable)
+    assert {n for n in trainable if n.startswith("classifier.")} == {"classifier.weight", "classifier.bias"}
     llama = peftops.apply(_tiny_llama(), SIFTConfig(target_modules=["q_proj", "v_proj"], density=0.5))
     assert len(sift_layers(llama)) == 4 and all(m.density == 0.5 for _, m in sift_layers(llama))
     with pytest.raises(ValueError, match="target_modules"):

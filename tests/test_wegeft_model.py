@@ -192,7 +192,9 @@ def test_bert_defaults_per_layer_and_load_errors(tmp_path):
     adapted = sorted(n for n, m in model.named_modules() if isinstance(m, WeGeFTLinear))
     assert len(adapted) == 10 and not any("attention.output" in n or "pooler" in n for n in adapted)
     state = pm.adapter_state_dict(model)
-    assert "wegeft::bert.encoder.layer.1.output.dense.psi" in state and len(state) == 20
+    assert "wegeft::bert.encoder.layer.1.output.dense.psi" in state
+    assert len([k for k in state if k.startswith("wegeft::")]) == 20
+    assert sorted(k for k in state if k.startswith("modules::")) == ["modules::classifier.bias", "modules::classifier.weight"]
     _perturb([p for p in model.parameters() if p.requires_grad])
     pm.save_adapter(model, tmp_path)
     # a model whose layers have another width cannot take these generators
