@@ -25,12 +25,36 @@ def _check(*args, timeout=1800):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _check_showing_progress(*args, timeout=1800):
+    """Like _check, but the compile check's progress lines ("  sift: 50/212 compiled (31 s)") also go
+    to the terminal as they come, past pytest's capture: a family takes minutes on 2 cores."""
+    import tempfile
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a full stderr pipe would block the child
+        proc = subprocess.Popen([sys.executable, "-m", "peftops.kernels._compile_check", *args], env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        lines = []
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith(("  ", "captured", "FAIL")) or " compiled, " in line:
+                    sys.__stderr__.write(f"[compile check] {line}")
+                    sys.__stderr__.flush()
+            proc.wait(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            raise
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines), err.read())
+
+
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_variant_that_runs_compiles_within_the_resource_gate(family, tmp_path):
     out = tmp_path / "report.json"
-    r = _check(family, "--json", str(out))
+    r = _check_showing_progress(family, "--json", str(out))
     print(r.stdout[-3000:])  # the per-family progress and summary show with -s / on failure
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-4000:]
     report = json.loads(out.read_text())
