@@ -5,9 +5,11 @@ Shapes. ``hidden`` [..., d] with ``ids`` [...] (= hidden.shape[:-1]); ``table`` 
 batch reads table row ``task_ids[n // tokens_per_sample] * V + ids[n]``.
 
 Forward: one pass, ``out[n, :] = h[n, :] + P[row(n), :]`` accumulated in fp32 (fp64 when either
-operand is fp64) and rounded once to hidden's dtype; ``out`` may be ``hidden`` (in place).
-Rows whose id or task id is out of range read nothing (bias 0): a bad id can never cause an
-out-of-bounds read, and the dispatching functions raise a clear error before any launch.
+operand is fp64) and rounded once to hidden's dtype, for every dtype pair (fp64 -> fp16/bf16
+through fp32 rounded to odd, which makes the second rounding the exact one; see round_once);
+``out`` may be ``hidden`` (in place). Rows whose id or task id is out of range read nothing
+(bias 0, the reference too): a bad id can never cause an out-of-bounds read, and the
+dispatching functions raise a clear error before any launch.
 
 Backward into the table: ``dP[r] = sum_{n: row(n) = r} dY[n]``. The flat table rows of the tokens
 are sorted once (stable) into a *segment plan*; one program per (segment, column block) sums the
@@ -26,6 +28,7 @@ read independently (no chain of dependent loads before the gradient rows).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -39,8 +42,8 @@ if HAS_TRITON:
 __all__ = [
     "gather_add", "gather_add_reference", "table_grad_rows", "table_grad_rows_reference",
     "table_grad_dense", "table_grad_dense_reference", "segment_plan", "pack_plan", "flat_table_rows",
-    "plan_num_segments",
-    "check_gather_add_args",
+    "plan_num_segments", "round_once",
+    "check_gather_add_args", "check_plan", "check_float_dtype", "check_count", "check_flag",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +97,15 @@ if HAS_TRITON:
                     eviction_policy="evict_last")
         if ACC_FP64:
             s = h.to(tl.float64) + p.to(tl.float64)
+            if out_ptr.dtype.element_ty.primitive_bitwidth < 32:  # 16-bit hidden, fp64 table
+                # fp32 rounded to odd (truncate, set the last bit if inexact): the round to 16 bits
+                # is then the one rounding of s (round_once; triton's interpreter breaks a direct
+                # fp64 -> bf16 cast). Inline: a helper called only from autotuned kernels reads as
+                # an unlaunched kernel to the compile check.
+                f = s.to(tl.float32)
+                back = f.to(tl.float64)
+                bits = f.to(tl.int32, bitcast=True) - (tl.abs(back) > tl.abs(s)).to(tl.int32)
+                s = (bits | (back != s).to(tl.int32)).to(tl.float32, bitcast=True)
         else:
             s = h.to(tl.float32) + p.to(tl.float32)
         tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], s.to(out_ptr.dtype.element_ty), mask=mask)
@@ -150,6 +162,13 @@ if HAS_TRITON:
                 src = tl.load(seg + tl.minimum(k + r, count - 1))
                 g = tl.load(g_ptr + src * stride_g + cols, mask=col_ok, other=0.0, eviction_policy="evict_first")
                 acc += tl.where(k + r < count, g.to(acc.dtype), 0.0)
+        if ACC_FP64:
+            if out_ptr.dtype.element_ty.primitive_bitwidth < 32:  # fp64 gradient into a 16-bit table
+                # fp32 rounded to odd, then one rounding to 16 bits (as in _gather_add_kernel)
+                f = acc.to(tl.float32)
+                back = f.to(tl.float64)
+                bits = f.to(tl.int32, bitcast=True) - (tl.abs(back) > tl.abs(acc)).to(tl.int32)
+                acc = (bits | (back != acc).to(tl.int32)).to(tl.float32, bitcast=True)
         tl.store(out_ptr + out_row * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -166,6 +185,21 @@ _FP_FUSION_SEGMENT_SUM = False
 
 def _acc_fp64(*dtypes: torch.dtype) -> bool:
     return any(dt == torch.float64 for dt in dtypes)
+
+
+def round_once(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (an fp32/fp64 sum) rounded once, to nearest even, to ``dtype``.
+
+    torch casts fp64 -> fp16/bf16 through fp32 (two roundings); here the fp32 step rounds to odd
+    (truncate, set the last bit when inexact), after which the 16-bit round is the exact one (fp32
+    keeps >= 2 more bits than fp16/bf16): what the kernels store, bit for bit."""
+    if t.dtype != torch.float64 or dtype not in (torch.float16, torch.bfloat16):
+        return t.to(dtype)
+    f = t.to(torch.float32)
+    back = f.to(torch.float64)
+    bits = f.view(torch.int32) - (back.abs() > t.abs()).to(torch.int32)
+    bits = bits | (back != t).to(torch.int32)
+    return bits.view(torch.float32).to(dtype)
 
 
 def _table_geometry(table: torch.Tensor) -> tuple[int, int, int, int]:
@@ -233,14 +267,20 @@ def flat_table_rows(ids: torch.Tensor, task_ids: torch.Tensor | None, vocab: int
 
 def gather_add_reference(hidden, ids, table, task_ids=None):
     """hidden + table[task_ids[b], ids[b, s]], summed in fp32 (fp64 if an operand is fp64),
-    returned in hidden's dtype."""
+    rounded once to hidden's dtype. An out-of-range id or task id adds nothing (as the kernel)."""
     acc = torch.float64 if _acc_fp64(hidden.dtype, table.dtype) else torch.float32
     table3 = table if table.dim() == 3 else table.unsqueeze(0)
+    n_tasks, vocab = table3.shape[0], table3.shape[1]
     tasks = _token_tasks(ids, task_ids)
     if tasks is None:
         tasks = torch.zeros_like(ids, dtype=torch.long)
-    bias = table3[tasks, ids.long()]
-    return (hidden.to(acc) + bias.to(acc)).to(hidden.dtype)
+    ids = ids.long()
+    hit = (ids >= 0) & (ids < vocab) & (tasks >= 0) & (tasks < n_tasks)
+    if ids.numel() == 0:
+        return hidden.clone()
+    bias = table3[tasks.clamp(0, n_tasks - 1), ids.clamp(0, vocab - 1)]
+    bias = torch.where(hit[..., None], bias.to(acc), 0.0)
+    return round_once(hidden.to(acc) + bias, hidden.dtype)
 
 
 def _split_plan(plan: torch.Tensor, n_tokens: int):
@@ -264,7 +304,7 @@ def table_grad_rows_reference(grad, ids, vocab, task_ids=None, dtype=torch.float
     if rows.numel() == 0:
         return rows, grad.new_zeros(0, d, dtype=dtype)
     sums = torch.segment_reduce(g2[perm].to(acc), "sum", lengths=counts, axis=0)
-    return rows, sums.to(dtype)
+    return rows, round_once(sums, dtype)
 
 
 def table_grad_dense_reference(grad, ids, table_shape, task_ids=None, dtype=torch.float32, plan=None):
@@ -284,6 +324,43 @@ def table_grad_dense_reference(grad, ids, table_shape, task_ids=None, dtype=torc
 # ----------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------
+def check_float_dtype(name: str, dtype) -> torch.dtype:
+    """``dtype`` is a floating torch.dtype (an integer one would silently truncate sums)."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name}: expected a floating torch.dtype, got {type(dtype).__name__} {dtype!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype ({', '.join(map(str, FLOAT_DTYPES))}), got {dtype}")
+    return dtype
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """An int (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_flag(name: str, value, *, allow_none: bool = False) -> None:
+    """A bool (or None where allowed): a truthy string or number is a mistake, not a setting."""
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        raise TypeError(f"{name}: expected {'True, False or None' if allow_none else 'a bool'}, "
+                        f"got {type(value).__name__} {value!r}")
+
+
+def _internal_overlap(t: torch.Tensor) -> bool:
+    """Several elements share memory (a stride 0 over a dim > 1, e.g. expand()): not writable."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+
+
+def _check_task_tensor(task_ids, ids) -> None:
+    check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
+    if ids.dim() < 1 or task_ids.numel() != ids.shape[0]:
+        raise ValueError(f"task_ids: expected one task per sample, shape [{ids.shape[0] if ids.dim() else 1}], "
+                         f"got {list(task_ids.shape)}")
+
+
 def check_gather_add_args(hidden, ids, table, task_ids, *, values: bool = True) -> None:
     """Shapes, dtypes, devices (and with ``values`` the id ranges, one host sync) of a gather-add.
 
@@ -291,6 +368,8 @@ def check_gather_add_args(hidden, ids, table, task_ids, *, values: bool = True) 
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
     check_tensor("input_ids", ids, dtypes=INDEX_DTYPES)
     check_tensor("table", table, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    if task_ids is not None:
+        check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
     if hidden.dim() < 1:
         raise ValueError(f"hidden: expected shape [..., d], got {list(hidden.shape)}")
     if tuple(ids.shape) != tuple(hidden.shape[:-1]):
@@ -304,14 +383,13 @@ def check_gather_add_args(hidden, ids, table, task_ids, *, values: bool = True) 
         raise ValueError("hidden: hidden size must be at least 1")
     check_same_device(hidden=hidden, input_ids=ids, table=table, task_ids=task_ids)
     n_tasks, vocab = (1, table.shape[0]) if table.dim() == 2 else (table.shape[0], table.shape[1])
+    if n_tasks * vocab == 0 and ids.numel() > 0:
+        raise ValueError(f"table: no rows (shape {list(table.shape)}) for {ids.numel()} token ids")
     if task_ids is not None:
-        check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
         if table.dim() != 3:
             raise ValueError(f"task_ids: given, but table is a single task's [V, d] table (shape {list(table.shape)}); "
                              "stack tasks into [n_tasks, V, d]")
-        if ids.dim() < 1 or task_ids.numel() != ids.shape[0]:
-            raise ValueError(f"task_ids: expected one task per sample, shape [{ids.shape[0] if ids.dim() else 1}], "
-                             f"got {list(task_ids.shape)}")
+        _check_task_tensor(task_ids, ids)
     elif table.dim() == 3 and n_tasks != 1:
         raise ValueError(f"task_ids: required for a stacked table of {n_tasks} tasks (shape {list(table.shape)})")
     if values:
@@ -361,9 +439,13 @@ def gather_add(hidden, ids, table, task_ids=None, *, out=None, validate: bool = 
     included (in place). ``validate=False`` skips the id range check (no host sync); rows with
     bad ids then get no bias instead of reading out of bounds on the Triton path.
     """
+    check_flag("validate", validate)
     check_gather_add_args(hidden, ids, table, task_ids, values=validate)
     if out is not None:
         check_tensor("out", out, dtypes=(hidden.dtype,), shape=list(hidden.shape), device=hidden.device)
+        if _internal_overlap(out):
+            raise ValueError(f"out: elements share memory (strides {out.stride()}, an expand()?): cannot be written; "
+                             "pass a tensor of its own (e.g. .clone())")
     d = hidden.shape[-1]
     if not use_triton(hidden):
         res = gather_add_reference(hidden, ids, table, task_ids)
@@ -418,22 +500,80 @@ def plan_num_segments(plan: torch.Tensor, n_tokens: int) -> int:
     return extra // 6
 
 
-def _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate):
+def check_plan(plan, ids, task_ids, vocab: int, *, values: bool = True) -> None:
+    """``plan`` is segment_plan(flat_table_rows(ids, task_ids, vocab)), or raise ``plan: ...``.
+
+    Always (shape only, no sync): a 1-D int64 tensor on ids' device of N + 6U entries, 1 <= U <= N
+    (U = 0 iff N = 0). With ``values`` (ids already range-checked) the contents too, in O(N + U)
+    work, no sort, one host sync: perm is a permutation of the N tokens (bincount), the rows they
+    read in plan order equal seg_row repeated seg_count times, seg_row strictly ascending, perm
+    ascending inside a segment (stable), and the slots are the segments longest first (ties in
+    segment order) with their starts, counts and rows. Together: the plan equals the one built
+    from these ids, entry for entry."""
+    check_tensor("plan", plan, ndim=1, dtypes=(torch.int64,))
+    if plan.device != ids.device:
+        raise ValueError(f"plan: expected a tensor on {ids.device} (input_ids' device), got one on {plan.device}")
+    n = ids.numel()
+    extra = plan.numel() - n
+    u = extra // 6
+    if extra < 0 or extra % 6 or u > n or (u == 0) != (n == 0):
+        raise ValueError(f"plan: {plan.numel()} entries do not fit the layout for the {n} tokens of input_ids "
+                         f"(N + 6U with 1 <= U <= N); build it with aot_segment_plan from these ids")
+    if not values or n == 0:
+        return
+    perm, seg_row, seg_count, slot_seg, slot_start, slot_count, slot_row = torch.split(plan, [n] + [u] * 6)
+    rows = flat_table_rows(ids, task_ids, vocab)
+    checks = {}
+    checks["perm is not a permutation of the tokens"] = (
+        ((perm >= 0) & (perm < n)).all() & (torch.bincount(perm.clamp(0, n - 1), minlength=n) == 1).all())
+    checks["segment counts are not >= 1 or do not sum to N"] = (seg_count >= 1).all() & (seg_count.sum() == n)
+    ends = torch.cumsum(seg_count, 0)
+    seg_of = torch.searchsorted(ends, torch.arange(n, device=plan.device), right=True).clamp(max=u - 1)
+    sorted_rows = rows[perm.clamp(0, n - 1)]
+    checks["the rows its tokens read differ from these ids' rows"] = (sorted_rows == seg_row[seg_of]).all()
+    checks["segment rows are not strictly ascending"] = (seg_row[1:] > seg_row[:-1]).all()
+    checks["tokens inside a segment are not in order (stable sort)"] = (
+        (perm[1:] > perm[:-1]) | (seg_of[1:] != seg_of[:-1])).all()
+    ss = slot_seg.clamp(0, u - 1)
+    checks["slots are not a permutation of the segments"] = (
+        ((slot_seg >= 0) & (slot_seg < u)).all() & (torch.bincount(ss, minlength=u) == 1).all())
+    checks["slot starts, counts or rows differ from their segments'"] = (
+        (slot_count == seg_count[ss]).all() & (slot_start == (ends - seg_count)[ss]).all()
+        & (slot_row == seg_row[ss]).all())
+    checks["slots are not longest first"] = (
+        (slot_count[1:] < slot_count[:-1]) | ((slot_count[1:] == slot_count[:-1]) & (slot_seg[1:] > slot_seg[:-1]))
+    ).all()
+    flags = torch.stack(list(checks.values())).tolist()  # the one host sync
+    for what, ok in zip(checks, flags):
+        if not ok:
+            raise ValueError(f"plan: not the segment plan of these input_ids / task_ids (vocab {vocab}): {what}; "
+                             "build it with aot_segment_plan from the same ids")
+
+
+def _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype=torch.float32, plan=None):
     check_tensor("grad", grad, dtypes=FLOAT_DTYPES)
     check_tensor("input_ids", ids, dtypes=INDEX_DTYPES)
+    if task_ids is not None:
+        check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
+    check_float_dtype("dtype", dtype)
+    check_count("vocab_size", vocab)
+    check_count("n_tasks", n_tasks)
+    check_flag("validate", validate)
+    if grad.dim() < 1 or grad.shape[-1] == 0:
+        raise ValueError(f"grad: expected shape [..., d] with d >= 1, got {list(grad.shape)}")
     if tuple(ids.shape) != tuple(grad.shape[:-1]):
         raise ValueError(f"input_ids: expected shape {list(grad.shape[:-1])} (grad.shape[:-1]), got {list(ids.shape)}")
     check_same_device(grad=grad, input_ids=ids, task_ids=task_ids)
     if task_ids is not None:
-        check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
-        if ids.dim() < 1 or task_ids.numel() != ids.shape[0]:
-            raise ValueError(f"task_ids: expected one task per sample, got shape {list(task_ids.shape)}")
+        _check_task_tensor(task_ids, ids)
     elif n_tasks != 1:
         raise ValueError(f"task_ids: required for a stacked table of {n_tasks} tasks")
     if validate:
         check_index_range("input_ids", ids, vocab, what=f"token ids (vocabulary of the table, V = {vocab})")
         if task_ids is not None:
             check_index_range("task_ids", task_ids, n_tasks, what=f"task ids (the table stacks {n_tasks} tasks)")
+    if plan is not None:
+        check_plan(plan, ids, task_ids, vocab, values=validate)
 
 
 def _segment_sums(grad, ids, vocab, task_ids, dtype, plan, row_from_plan, out):
@@ -455,7 +595,7 @@ def table_grad_rows(grad, ids, vocab: int, task_ids=None, *, n_tasks: int = 1, d
     rows index the flattened [T·V, d] table (task·V + id); sums[i] = Σ grad[n] over tokens n
     reading rows[i], accumulated in fp32 (fp64 for fp64 grad) in a fixed order (bitwise
     deterministic), stored in ``dtype``. ``plan``: a precomputed segment_plan of these ids."""
-    _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate)
+    _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype, plan)
     if not use_triton(grad):
         return table_grad_rows_reference(grad, ids, vocab, task_ids, dtype, plan)
     plan, n_segments, sums = _segment_sums(grad, ids, vocab, task_ids, dtype, plan, False, None)
@@ -468,13 +608,19 @@ def table_grad_dense(grad, ids, table_shape, task_ids=None, *, dtype=torch.float
     When every row occurs (e.g. a per-batch table of the batch's unique ids) the segment sums
     are written straight into it; otherwise it is zero-filled first (the cost of a dense
     gradient for a full-vocabulary table: use table_grad_rows or sparse gradients to avoid it)."""
-    table_shape = tuple(int(s) for s in table_shape)
+    table_shape = tuple(table_shape)
     if len(table_shape) not in (2, 3):
         raise ValueError(f"table_shape: expected [V, d] or [T, V, d], got {list(table_shape)}")
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in table_shape):
+        raise TypeError(f"table_shape: expected ints, got {list(table_shape)}")
+    if min(table_shape) < 1:
+        raise ValueError(f"table_shape: expected sizes >= 1, got {list(table_shape)}")
+    table_shape = tuple(int(s) for s in table_shape)
     n_tasks, vocab = (1, table_shape[0]) if len(table_shape) == 2 else table_shape[:2]
-    if grad.shape[-1] != table_shape[-1]:
+    check_tensor("grad", grad, dtypes=FLOAT_DTYPES)
+    if grad.dim() >= 1 and grad.shape[-1] != table_shape[-1]:
         raise ValueError(f"table_shape: hidden size {table_shape[-1]} does not match grad's {grad.shape[-1]}")
-    _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate)
+    _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype, plan)
     if not use_triton(grad):
         return table_grad_dense_reference(grad, ids, table_shape, task_ids, dtype, plan)
     d = table_shape[-1]

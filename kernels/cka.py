@@ -28,6 +28,12 @@ operands use tf32x3 (~fp32-accurate products); mixed dtypes are promoted. Accumu
 Gram tiles are scaled by 1/n before squaring (the scale cancels in the ratio) so fp32 stays far
 from overflow; the final ratio is taken in fp64.
 
+Scaling: CKA(aX, bY) = CKA(X, Y), but the fourth powers in ||Xc^T Xc||^2 overflow fp32 for
+|x| ~ 1e10 and underflow for |x| ~ 1e-10. Each input is multiplied on load by s = 2^k with
+max |x over valid rows| * s in [2^7, 2^8) (pow2_scales: a device-side scalar, no host sync; a
+power of two scales exactly, so CKA(2^a X, 2^b Y) equals CKA(X, Y) bit for bit). The reference
+scales the same way.
+
 CKA is a measurement: no autograd, the result never requires grad. Undefined cases: fewer than 2
 valid rows after masking gives NaN (detecting it needs no host sync, so SAFE's hot path stays
 asynchronous); fewer than 2 rows in the input shape is a ValueError. A zero-variance
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 
@@ -58,9 +65,17 @@ if HAS_TRITON:
     # Column means
     # ------------------------------------------------------------------------------------------
     @triton.jit
-    def _masked_colsum(ptr, m_ptr, t_begin, t_end, D, stride_t, stride_d, d_block,
+    def _scales(scale_ptr):
+        """(s_x, s_y): the inputs' power-of-two scales (1, 1 without scale_ptr)."""
+        if scale_ptr is not None:
+            return tl.load(scale_ptr), tl.load(scale_ptr + 1)
+        else:
+            return 1.0, 1.0
+
+    @triton.jit
+    def _masked_colsum(ptr, m_ptr, scale, t_begin, t_end, D, stride_t, stride_d, d_block,
                        HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        """(fp32 sums of x[t_begin:t_end, cols] over valid rows, number of valid rows)."""
+        """(fp32 sums of scale * x[t_begin:t_end, cols] over valid rows, number of valid rows)."""
         cols = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -71,7 +86,7 @@ if HAS_TRITON:
             if HAS_MASK:
                 ok = ok & (tl.load(m_ptr + rows, mask=ok, other=0) != 0)
             ptrs = ptr + rows.to(tl.int64)[:, None] * stride_t + cols.to(tl.int64)[None, :] * stride_d
-            acc += tl.load(ptrs, mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.load(ptrs, mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * scale
             cnt += ok.to(tl.float32)
         return tl.sum(acc, axis=0), tl.sum(cnt, axis=0), cols, col_ok
 
@@ -82,22 +97,24 @@ if HAS_TRITON:
         x_ptr, y_ptr, m_ptr, sums_ptr, cnt_ptr,
         T, Dx, Dy, sx_t, sx_d, sy_t, sy_d, rows_per_split,
         HAS_MASK: tl.constexpr, DIVIDE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        scale_ptr=None,
     ):
-        """Grid (column blocks of x then of y, row splits). Writes sums[split, 0:Dx] (x) and
-        sums[split, Dx:Dx+Dy] (y), and cnt[split] = valid rows of the split. With DIVIDE (one
-        split) it writes the means sums / n directly."""
+        """Grid (column blocks of x then of y, row splits). Writes sums[split, 0:Dx] (s_x x) and
+        sums[split, Dx:Dx+Dy] (s_y y), and cnt[split] = valid rows of the split. With DIVIDE (one
+        split) it writes the means sums / n directly. scale_ptr: [s_x, s_y] (default 1, 1)."""
         pid_d = tl.program_id(0)
         pid_s = tl.program_id(1)
         nbx = tl.cdiv(Dx, BLOCK_D)
         t_begin = pid_s * rows_per_split
         t_end = tl.minimum(t_begin + rows_per_split, T)
         row_base = sums_ptr + pid_s.to(tl.int64) * (Dx + Dy)
+        scale_x, scale_y = _scales(scale_ptr)
         if pid_d < nbx:
-            s, cnt, cols, col_ok = _masked_colsum(x_ptr, m_ptr, t_begin, t_end, Dx, sx_t, sx_d, pid_d,
+            s, cnt, cols, col_ok = _masked_colsum(x_ptr, m_ptr, scale_x, t_begin, t_end, Dx, sx_t, sx_d, pid_d,
                                                   HAS_MASK, BLOCK_T, BLOCK_D)
             out_ptrs = row_base + cols
         else:
-            s, cnt, cols, col_ok = _masked_colsum(y_ptr, m_ptr, t_begin, t_end, Dy, sy_t, sy_d, pid_d - nbx,
+            s, cnt, cols, col_ok = _masked_colsum(y_ptr, m_ptr, scale_y, t_begin, t_end, Dy, sy_t, sy_d, pid_d - nbx,
                                                   HAS_MASK, BLOCK_T, BLOCK_D)
             out_ptrs = row_base + Dx + cols
         if DIVIDE:
@@ -119,9 +136,10 @@ if HAS_TRITON:
         return in_range, keep
 
     @triton.jit
-    def _centred_tile(ptr, mu_ptr, rows, in_range, keep, cols, D, stride_t, stride_d,
+    def _centred_tile(ptr, mu_ptr, scale, rows, in_range, keep, cols, D, stride_t, stride_d,
                       EVEN_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
-        """x[rows, cols] - mu[cols] as DOT_DTYPE; zero in padding rows and out-of-range entries.
+        """scale * x[rows, cols] - mu[cols] as DOT_DTYPE (mu: the scaled mean); zero in padding rows
+        and out-of-range entries. scale is a power of two: the product is exact.
 
         Loads are predicated only on rows < T (and cols < D unless EVEN_D): a predicate that varies
         along the contiguous dim, or that comes from another in-loop load, stops triton from
@@ -131,17 +149,17 @@ if HAS_TRITON:
         if EVEN_D:
             mu = tl.load(mu_ptr + cols)
             v = tl.load(ptrs, mask=in_range[:, None], other=0.0).to(tl.float32)
-            v = tl.where(keep[:, None], v - mu[None, :], 0.0)
+            v = tl.where(keep[:, None], v * scale - mu[None, :], 0.0)
         else:
             col_ok = cols < D
             mu = tl.load(mu_ptr + cols, mask=col_ok, other=0.0)
             v = tl.load(ptrs, mask=in_range[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            v = tl.where(keep[:, None] & col_ok[None, :], v - mu[None, :], 0.0)
+            v = tl.where(keep[:, None] & col_ok[None, :], v * scale - mu[None, :], 0.0)
         return v.to(DOT_DTYPE)
 
     @triton.jit
     def _feature_gram_sq(
-        a_ptr, b_ptr, mu_a_ptr, mu_b_ptr, m_ptr, T, Da, Db,
+        a_ptr, b_ptr, mu_a_ptr, mu_b_ptr, scale_a, scale_b, m_ptr, T, Da, Db,
         sa_t, sa_d, sb_t, sb_d, bi, bj, inv_n,
         HAS_MASK: tl.constexpr, EVEN_A: tl.constexpr, EVEN_B: tl.constexpr, DOT_DTYPE: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -153,8 +171,8 @@ if HAS_TRITON:
         for t0 in range(0, T, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
             in_range, keep = _row_flags(m_ptr, rows, T, HAS_MASK)
-            a = _centred_tile(a_ptr, mu_a_ptr, rows, in_range, keep, ci, Da, sa_t, sa_d, EVEN_A, DOT_DTYPE)
-            b = _centred_tile(b_ptr, mu_b_ptr, rows, in_range, keep, cj, Db, sb_t, sb_d, EVEN_B, DOT_DTYPE)
+            a = _centred_tile(a_ptr, mu_a_ptr, scale_a, rows, in_range, keep, ci, Da, sa_t, sa_d, EVEN_A, DOT_DTYPE)
+            b = _centred_tile(b_ptr, mu_b_ptr, scale_b, rows, in_range, keep, cj, Db, sb_t, sb_d, EVEN_B, DOT_DTYPE)
             acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
         acc = acc * inv_n
         return tl.sum(tl.sum(acc * acc, axis=1), axis=0)
@@ -167,8 +185,10 @@ if HAS_TRITON:
         T, Dx, Dy, sx_t, sx_d, sy_t, sy_d, out_stride, size_class,
         HAS_MASK: tl.constexpr, EVEN_X: tl.constexpr, EVEN_Y: tl.constexpr, DOT_DTYPE: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        scale_ptr=None,
     ):
-        """d x d form, one launch over the tiles of all three Gram matrices.
+        """d x d form, one launch over the tiles of all three Gram matrices (of s_x X, s_y Y, the
+        scales at scale_ptr, default 1).
 
         pid in [0, nx^2): tile of Xc^T Xc -> out[0, .]; then ny^2 tiles of Yc^T Yc -> out[1, .];
         then ny*nx tiles of Yc^T Xc -> out[2, .]. Symmetric Grams skip tiles below the diagonal
@@ -179,11 +199,13 @@ if HAS_TRITON:
         nx = tl.cdiv(Dx, BLOCK_D)
         ny = tl.cdiv(Dy, BLOCK_D)
         inv_n = 1.0 / tl.load(n_ptr)
+        scale_x, scale_y = _scales(scale_ptr)
         if pid < nx * nx:
             bi = pid // nx
             bj = pid % nx
             if bi <= bj:
-                s = _feature_gram_sq(x_ptr, x_ptr, mu_x_ptr, mu_x_ptr, m_ptr, T, Dx, Dx, sx_t, sx_d, sx_t, sx_d,
+                s = _feature_gram_sq(x_ptr, x_ptr, mu_x_ptr, mu_x_ptr, scale_x, scale_x, m_ptr, T, Dx, Dx,
+                                     sx_t, sx_d, sx_t, sx_d,
                                      bi, bj, inv_n, HAS_MASK, EVEN_X, EVEN_X, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_D)
                 s = tl.where(bi == bj, s, 2.0 * s)
                 tl.store(out_ptr + pid, s)
@@ -194,7 +216,8 @@ if HAS_TRITON:
             bi = p // ny
             bj = p % ny
             if bi <= bj:
-                s = _feature_gram_sq(y_ptr, y_ptr, mu_y_ptr, mu_y_ptr, m_ptr, T, Dy, Dy, sy_t, sy_d, sy_t, sy_d,
+                s = _feature_gram_sq(y_ptr, y_ptr, mu_y_ptr, mu_y_ptr, scale_y, scale_y, m_ptr, T, Dy, Dy,
+                                     sy_t, sy_d, sy_t, sy_d,
                                      bi, bj, inv_n, HAS_MASK, EVEN_Y, EVEN_Y, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_D)
                 s = tl.where(bi == bj, s, 2.0 * s)
                 tl.store(out_ptr + out_stride + p, s)
@@ -204,20 +227,21 @@ if HAS_TRITON:
             p = pid - nx * nx - ny * ny
             bi = p // nx
             bj = p % nx
-            s = _feature_gram_sq(y_ptr, x_ptr, mu_y_ptr, mu_x_ptr, m_ptr, T, Dy, Dx, sy_t, sy_d, sx_t, sx_d,
+            s = _feature_gram_sq(y_ptr, x_ptr, mu_y_ptr, mu_x_ptr, scale_y, scale_x, m_ptr, T, Dy, Dx,
+                                 sy_t, sy_d, sx_t, sx_d,
                                  bi, bj, inv_n, HAS_MASK, EVEN_Y, EVEN_X, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_D)
             tl.store(out_ptr + 2 * out_stride + p, s)
 
     @triton.jit
-    def _token_gram_tile(ptr, mu_ptr, rows_i, in_i, keep_i, rows_j, in_j, keep_j, D, stride_t, stride_d,
+    def _token_gram_tile(ptr, mu_ptr, scale, rows_i, in_i, keep_i, rows_j, in_j, keep_j, D, stride_t, stride_d,
                          EVEN_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
         """(rows_i, rows_j) tile of Xc Xc^T, accumulated over the D features."""
         acc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            a = _centred_tile(ptr, mu_ptr, rows_i, in_i, keep_i, cols, D, stride_t, stride_d, EVEN_D, DOT_DTYPE)
-            b = _centred_tile(ptr, mu_ptr, rows_j, in_j, keep_j, cols, D, stride_t, stride_d, EVEN_D, DOT_DTYPE)
+            a = _centred_tile(ptr, mu_ptr, scale, rows_i, in_i, keep_i, cols, D, stride_t, stride_d, EVEN_D, DOT_DTYPE)
+            b = _centred_tile(ptr, mu_ptr, scale, rows_j, in_j, keep_j, cols, D, stride_t, stride_d, EVEN_D, DOT_DTYPE)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         return acc
 
@@ -229,8 +253,10 @@ if HAS_TRITON:
         T, Dx, Dy, sx_t, sx_d, sy_t, sy_d, out_stride, size_class,
         HAS_MASK: tl.constexpr, EVEN_X: tl.constexpr, EVEN_Y: tl.constexpr, DOT_DTYPE: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+        scale_ptr=None,
     ):
-        """T x T form: program pid owns token tile (bi, bj), bi <= bj, and writes
+        """T x T form (of s_x X, s_y Y, the scales at scale_ptr, default 1): program pid owns token
+        tile (bi, bj), bi <= bj, and writes
         out[0] = sum Kx^2, out[1] = sum Ky^2, out[2] = sum Kx * Ky over its tile (x2 off the
         diagonal). EVEN_X / EVEN_Y: BLOCK_K divides Dx / Dy."""
         pid = tl.program_id(0)
@@ -239,13 +265,14 @@ if HAS_TRITON:
         bj = pid % nt
         if bi <= bj:
             inv_n = 1.0 / tl.load(n_ptr)
+            scale_x, scale_y = _scales(scale_ptr)
             rows_i = bi * BLOCK_T + tl.arange(0, BLOCK_T)
             rows_j = bj * BLOCK_T + tl.arange(0, BLOCK_T)
             in_i, keep_i = _row_flags(m_ptr, rows_i, T, HAS_MASK)
             in_j, keep_j = _row_flags(m_ptr, rows_j, T, HAS_MASK)
-            kx = _token_gram_tile(x_ptr, mu_x_ptr, rows_i, in_i, keep_i, rows_j, in_j, keep_j, Dx, sx_t, sx_d,
+            kx = _token_gram_tile(x_ptr, mu_x_ptr, scale_x, rows_i, in_i, keep_i, rows_j, in_j, keep_j, Dx, sx_t, sx_d,
                                   EVEN_X, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_K) * inv_n
-            ky = _token_gram_tile(y_ptr, mu_y_ptr, rows_i, in_i, keep_i, rows_j, in_j, keep_j, Dy, sy_t, sy_d,
+            ky = _token_gram_tile(y_ptr, mu_y_ptr, scale_y, rows_i, in_i, keep_i, rows_j, in_j, keep_j, Dy, sy_t, sy_d,
                                   EVEN_Y, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_K) * inv_n
             w = tl.where(bi == bj, 1.0, 2.0)
             tl.store(out_ptr + pid, w * tl.sum(tl.sum(kx * kx, axis=1), axis=0))
@@ -340,8 +367,9 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _launch_means(x2, y2, m8):
-    """(mean of x2's columns ++ mean of y2's columns [dx + dy] fp32, n valid rows [] fp32)."""
+def _launch_means(x2, y2, m8, scales=None):
+    """(mean of s_x x2's columns ++ mean of s_y y2's columns [dx + dy] fp32, n valid rows [] fp32);
+    scales: [s_x, s_y] fp32 (None: 1, 1)."""
     T, dx = x2.shape
     dy = y2.shape[1]
     block_t, block_d = (32, 32) if interpreting() else (32, 128)
@@ -359,6 +387,7 @@ def _launch_means(x2, y2, m8):
         x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), rows_per_split,
         HAS_MASK=m8 is not None, DIVIDE=splits == 1, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
         enable_fp_fusion=True,  # column sums and one division: nothing to contract, no bitwise claim
+        scale_ptr=scales,
     )
     if splits == 1:
         return sums[0], cnt[0]
@@ -372,7 +401,9 @@ def _size_class(*dims: int) -> int:
     return sum(max(int(d), 1).bit_length() << (6 * i) for i, d in enumerate(dims))
 
 
-def _linear_cka_triton(x2: torch.Tensor, y2: torch.Tensor, m8: torch.Tensor | None, form: str) -> torch.Tensor:
+def _linear_cka_triton(x2: torch.Tensor, y2: torch.Tensor, m8: torch.Tensor | None, form: str,
+                       scales: torch.Tensor | None = None) -> torch.Tensor:
+    """scales: [s_x, s_y] fp32 powers of two (pow2_scales) applied on load; None: 1, 1."""
     T, dx = x2.shape
     dy = y2.shape[1]
     dot_dtype = torch.promote_types(x2.dtype, y2.dtype)
@@ -383,7 +414,7 @@ def _linear_cka_triton(x2: torch.Tensor, y2: torch.Tensor, m8: torch.Tensor | No
     # fp32 operands: tf32x3 (three tf32 products) is ~fp32-accurate on tensor cores; the
     # interpreter computes in fp32 anyway. Ignored for 16-bit operands.
     precision = "tf32x3" if bits == 32 and not interpreting() else "ieee"
-    mu, n = _launch_means(x2, y2, m8)
+    mu, n = _launch_means(x2, y2, m8, scales)
     args = (x2, y2, mu, mu[dx:], m8 if m8 is not None else n, n)
     strides = (x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1))
     meta = dict(HAS_MASK=m8 is not None, DOT_DTYPE=dot_tl, PRECISION=precision)
@@ -409,7 +440,8 @@ def _linear_cka_triton(x2: torch.Tensor, y2: torch.Tensor, m8: torch.Tensor | No
     # write 0); rows: ||Kx||^2, ||Ky||^2, <Kx, Ky> in both forms
     out = torch.empty((3, width), dtype=torch.float32, device=x2.device)
     # Gram GEMMs and sums of squares: FMA only adds accuracy (passed through the autotuner to the JIT)
-    kernel[grid](*args, out, T, dx, dy, *strides, width, _size_class(T, dx, dy), **meta, enable_fp_fusion=True)
+    kernel[grid](*args, out, T, dx, dy, *strides, width, _size_class(T, dx, dy), **meta, enable_fp_fusion=True,
+                 scale_ptr=scales)
     res = torch.empty((), dtype=torch.float32, device=x2.device)
     _cka_finalize_kernel[(1,)](out, width, *launched, n, res, BLOCK=64 if interpreting() else 256, num_warps=4,
                                enable_fp_fusion=True)  # sums and one ratio: no bitwise claim
@@ -419,14 +451,36 @@ def _linear_cka_triton(x2: torch.Tensor, y2: torch.Tensor, m8: torch.Tensor | No
 # ----------------------------------------------------------------------------------------------
 # PyTorch reference (tensors in, tensors out, no autograd)
 # ----------------------------------------------------------------------------------------------
+_SCALE_TOP = 8  # pow2_scales maps max |x| into [2^7, 2^8)
+
+
+def pow2_scales(x2: torch.Tensor, y2: torch.Tensor, keep: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    """[s_x, s_y] in ``acc``: s = 2^k with max |x[valid rows]| · s in [2^7, 2^8) (k clamped to the
+    normal range). CKA is scale-invariant and a power of two scales exactly, so the Gram products
+    neither overflow (inputs ~1e30) nor underflow (~1e-30); the headroom above 1 keeps small centred
+    fp16 entries normal. Device-side (no host sync); padding rows (keep False) do not count."""
+    rowmax = torch.stack([torch.linalg.vector_norm(t, ord=math.inf, dim=1) for t in (x2, y2)])  # [2, T]
+    if keep is not None:
+        rowmax = torch.where(keep, rowmax, 0)
+    _, e = torch.frexp(rowmax.amax(dim=1).to(acc))  # max = f · 2^e, f in [0.5, 1); 0, NaN, Inf: e = 0
+    if acc == torch.float64:
+        k = (_SCALE_TOP - e.long()).clamp(-1022, 1023)
+        return ((k + 1023) << 52).view(torch.float64)
+    k = (_SCALE_TOP - e).clamp(-126, 127)
+    return ((k + 127) << 23).to(torch.int32).view(torch.float32)
+
+
 def linear_cka_reference(x2: torch.Tensor, y2: torch.Tensor, mask: torch.Tensor | None = None,
                          form: str = "features") -> torch.Tensor:
     """Linear CKA of x2 [T, dx] and y2 [T, dy] over the rows where mask [T] != 0, computed in fp32
-    (fp64 when an input is fp64) through the Gram products of ``form``. Returns a 0-dim tensor."""
+    (fp64 when an input is fp64) through the Gram products of ``form``, each input first scaled by
+    its pow2_scales power of two. Returns a 0-dim tensor."""
     acc = torch.float64 if torch.float64 in (x2.dtype, y2.dtype) else torch.float32
-    xf, yf = x2.to(acc), y2.to(acc)
+    keep1 = None if mask is None else mask != 0
+    s = pow2_scales(x2, y2, keep1, acc)
+    xf, yf = x2.to(acc) * s[0], y2.to(acc) * s[1]
     if mask is not None:  # select, not multiply: padding rows may hold anything (Inf, NaN)
-        keep = (mask != 0)[:, None]
+        keep = keep1[:, None]
         xf, yf = torch.where(keep, xf, 0.0), torch.where(keep, yf, 0.0)
         n = keep.sum().to(acc)
     else:
@@ -448,9 +502,18 @@ def linear_cka_reference(x2: torch.Tensor, y2: torch.Tensor, mask: torch.Tensor 
 # ----------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------
+def _check_size(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value}")
+    return int(value)
+
+
 def cka_form(tokens: int, dx: int, dy: int) -> str:
     """The cheaper form: "tokens" (T x T Grams, T^2/2 (dx+dy) MACs) when T < dx + dy, else
-    "features" (d x d Grams, T (dx^2/2 + dy^2/2 + dx dy) MACs)."""
+    "features" (d x d Grams, T (dx^2/2 + dy^2/2 + dx dy) MACs). Sizes: ints >= 1."""
+    tokens, dx, dy = _check_size("tokens", tokens), _check_size("dx", dx), _check_size("dy", dy)
     return "tokens" if tokens < dx + dy else "features"
 
 
@@ -464,6 +527,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = Non
     valid token) or None. Returns a 0-dim tensor on x's device: fp32 (fp64 if an input is fp64),
     in [0, 1] up to rounding; NaN if fewer than 2 rows are valid after masking. ``form``
     ("features" | "tokens") forces the Gram form; default: the cheaper one (``cka_form``).
+    Scale invariant over the whole range of each dtype (inputs are rescaled by powers of two, see
+    the module docstring); padding rows may hold anything (NaN, Inf).
     fp16/bf16/fp32 run the Triton kernels where ``use_triton`` says so; fp64 runs the reference.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
@@ -475,23 +540,29 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = Non
     if x.shape[:-1] != y.shape[:-1]:
         raise ValueError(f"y: leading dims {list(y.shape[:-1])} must equal x's {list(x.shape[:-1])} "
                          f"(the same tokens in both representations)")
+    if mask is not None:
+        check_tensor("mask", mask)
     check_same_device(x=x, y=y, mask=mask)
     if mask is not None:
         check_tensor("mask", mask, shape=list(x.shape[:-1]))
-        if mask.is_complex():
+        if mask.is_complex() or mask.is_quantized:
             raise TypeError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
     if form is not None and form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS} or None, got {form!r}")
     dx, dy = x.shape[-1], y.shape[-1]
     T = math.prod(x.shape[:-1])
-    if dx < 1 or dy < 1:
-        raise ValueError(f"x, y: need at least one feature column each, got dx={dx}, dy={dy}")
+    if dx < 1:
+        raise ValueError(f"x: need at least one feature column, got shape {list(x.shape)}")
+    if dy < 1:
+        raise ValueError(f"y: need at least one feature column, got shape {list(y.shape)}")
     if T < 2:
         raise ValueError(f"x: CKA needs at least 2 tokens (a centred single row is zero), got shape {list(x.shape)}")
     x2, y2 = x.detach().reshape(T, dx), y.detach().reshape(T, dy)
     m = None if mask is None else mask.detach().reshape(T)
     form = form or cka_form(T, dx, dy)
     if x2.dtype in TRITON_DTYPES and y2.dtype in TRITON_DTYPES and use_triton(x2):
-        m8 = None if m is None else (m if m.dtype == torch.bool else m != 0).contiguous().view(torch.int8)
-        return _linear_cka_triton(x2, y2, m8, form)
+        keep = None if m is None else (m if m.dtype == torch.bool else m != 0)
+        scales = pow2_scales(x2, y2, keep, torch.float32)
+        m8 = None if keep is None else keep.contiguous().view(torch.int8)
+        return _linear_cka_triton(x2, y2, m8, form, scales)
     return linear_cka_reference(x2, y2, m, form)

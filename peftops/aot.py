@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 from typing import ClassVar, Iterator, Optional, Sequence
 
 import torch
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 
 from .kernels import aot as K
 from .kernels._checks import INDEX_DTYPES, check_index_range, check_tensor
-from .model import AdapterConfig, Method, applied_configs, check_state_matches, register_method
+from .model import AdapterConfig, Method, applied_configs, atomic, check_state_matches, register_method, transaction
 
 __all__ = [
     "aot_bias_add", "aot_table_grad", "aot_segment_plan", "AoTConfig", "AoTMethod", "AoTBias", "AoTLayerBias",
@@ -53,7 +54,11 @@ __all__ = [
 @torch.library.custom_op("peftops::aot_bias_add", mutates_args=())
 def _bias_add_op(hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Optional[Tensor],
                  plan: Optional[Tensor], validate: bool, sparse_grad: bool) -> Tensor:
-    out = K.gather_add(hidden, input_ids, table, task_ids, validate=validate)
+    if validate:  # ids first, then whether the plan is theirs (one host sync each)
+        K.check_gather_add_args(hidden, input_ids, table, task_ids, values=True)
+        if plan is not None:
+            K.check_plan(plan, input_ids, task_ids, table.shape[-2], values=True)
+    out = K.gather_add(hidden, input_ids, table, task_ids, validate=False)
     return out.contiguous()
 
 
@@ -103,8 +108,20 @@ def _bias_add_setup(ctx, inputs, output):
     ctx.table_shape = list(table.shape)
     ctx.table_dtype = table.dtype
     ctx.sparse_grad = sparse_grad
+    ctx.validated = validate
     if ctx.needs_input_grad[2]:
         ctx.save_for_backward(input_ids, task_ids, plan)
+
+
+def _drop_unread_tokens(grad, input_ids, task_ids, vocab, n_tasks):
+    """Unvalidated ids: tokens whose id or task id is out of range read no row (no bias), so they
+    send no gradient: their gradient rows become 0 and their ids 0 (a valid row, + 0)."""
+    ok = (input_ids >= 0) & (input_ids < vocab)
+    if task_ids is not None:
+        ok_task = (task_ids >= 0) & (task_ids < n_tasks)
+        ok = ok & ok_task.view(-1, *([1] * (input_ids.dim() - 1)))
+        task_ids = torch.where(ok_task, task_ids, 0)
+    return torch.where(ok[..., None], grad, 0), torch.where(ok, input_ids, 0), task_ids
 
 
 def _bias_add_backward(ctx, grad):
@@ -113,6 +130,9 @@ def _bias_add_backward(ctx, grad):
     if ctx.needs_input_grad[2]:
         input_ids, task_ids, plan = ctx.saved_tensors
         shape = ctx.table_shape
+        if not ctx.validated and plan is None:  # never write (or return) a row outside the table
+            grad, input_ids, task_ids = _drop_unread_tokens(grad, input_ids, task_ids, shape[-2],
+                                                            shape[0] if len(shape) == 3 else 1)
         if ctx.sparse_grad:
             vocab, n_tasks = shape[-2], (shape[0] if len(shape) == 3 else 1)
             rows, sums = _table_grad_rows_op(grad, input_ids, task_ids, plan, vocab, n_tasks, ctx.table_dtype, False)
@@ -136,33 +156,64 @@ def aot_bias_add(hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Ten
 
     hidden [..., S, d] (any float dtype); input_ids [..., S] (int32/int64); table [V, d] or
     stacked [n_tasks, V, d] (any float dtype: the sum is taken in fp32, fp64 if an operand is
-    fp64, and rounded once to hidden's dtype); task_ids [B] = one task per sample (B =
-    hidden.shape[0]), or an int for the whole batch; required iff n_tasks > 1.
+    fp64, and rounded once to hidden's dtype, on both paths); task_ids [B] = one task per sample
+    (B = hidden.shape[0]), or an int for the whole batch; required iff n_tasks > 1.
 
     Gradients flow to hidden (identity) and to the table: by default a table-shaped gradient
     (written row by row, zero-filled only where rows do not occur), with ``sparse_grad=True`` a
     sparse COO gradient holding only the rows that occur (eager mode; for SparseAdam/SGD).
 
     ``inplace``: False returns a new tensor; True writes into hidden (only when autograd does not
-    record this op); None = in place exactly when autograd does not need it.
-    ``validate`` checks the id and task id ranges first (a host sync); with ``validate=False``
-    out-of-range ids get no bias on the Triton path instead of an out-of-bounds read.
-    ``plan``: aot_segment_plan of these ids, to share the backward's sort across several calls
-    with the same ids (e.g. all layers of a model).
+    record this op, and hidden's elements do not share memory); None = in place exactly when that
+    is possible.
+    ``validate`` checks the id and task id ranges first (a host sync), and a given plan's contents;
+    with ``validate=False`` out-of-range ids get no bias (and send no gradient) instead of an
+    out-of-bounds read, and a plan is checked for its shape only (it must then be right).
+    ``plan``: aot_segment_plan of these ids (and task ids; of the ids alone with an int task id),
+    to share the backward's sort across several calls with the same ids (e.g. all layers).
     """
-    if isinstance(task_ids, int) and not isinstance(task_ids, bool):
+    K.check_flag("inplace", inplace, allow_none=True)
+    K.check_flag("sparse_grad", sparse_grad)
+    K.check_flag("validate", validate)
+    if task_ids is not None and not isinstance(task_ids, Tensor):
+        if isinstance(task_ids, bool) or not isinstance(task_ids, numbers.Integral):
+            raise TypeError(f"task_ids: expected a tensor of task ids [B], an int or None, "
+                            f"got {type(task_ids).__name__} {task_ids!r}")
         check_tensor("table", table, ndim=3)
-        if not 0 <= task_ids < table.shape[0]:
-            raise IndexError(f"task_ids: task {task_ids} out of range for {table.shape[0]} stacked tasks")
-        table, task_ids = table[task_ids], None
+        task = int(task_ids)
+        if not 0 <= task < table.shape[0]:
+            raise IndexError(f"task_ids: task {task} out of range for {table.shape[0]} stacked tasks")
+        if sparse_grad and table.requires_grad and torch.is_grad_enabled():
+            # a sparse gradient cannot flow back through table[task] (no sparse select_backward):
+            # the whole stacked table with task ``task`` for every sample, the plan's rows moved to it
+            check_tensor("input_ids", input_ids, dtypes=INDEX_DTYPES)
+            if input_ids.dim() == 0:
+                return aot_bias_add(hidden.unsqueeze(0), input_ids.unsqueeze(0), table, task, sparse_grad=True,
+                                    validate=validate, plan=plan, inplace=inplace).squeeze(0)
+            if plan is not None:
+                K.check_plan(plan, input_ids, None, table.shape[1], values=False)
+                n, u = input_ids.numel(), K.plan_num_segments(plan, input_ids.numel())
+                shift = torch.zeros_like(plan)
+                shift[n:n + u] = shift[n + 6 * u - u:] = task * table.shape[1]
+                plan = plan + shift
+            task_ids = torch.full((input_ids.shape[0],), task, dtype=torch.long, device=table.device)
+        else:
+            table, task_ids = table[task], None
+    # shapes here (traceable); the value checks (a host sync) run inside the ops
     K.check_gather_add_args(hidden, input_ids, table, task_ids, values=False)
+    if plan is not None and not torch.compiler.is_compiling():  # a traced plan's length is data dependent:
+        K.check_plan(plan, input_ids, task_ids, table.shape[-2], values=False)  # the ops check it then
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad)
+    overlapping = K._internal_overlap(hidden)
     if inplace is None:
-        inplace = not needs_grad
+        inplace = not needs_grad and not overlapping
     if inplace:
         if needs_grad:
             raise ValueError("inplace: True, but autograd records this op (hidden or table requires grad); "
                              "use inplace=False (or None to choose automatically)")
+        if overlapping:
+            raise ValueError(f"inplace: True, but hidden's elements share memory (strides {hidden.stride()}, "
+                             "an expand()?); use inplace=False")
         torch.ops.peftops.aot_bias_add_(hidden, input_ids, table, task_ids, validate)
         return hidden
     return _bias_add_op(hidden, input_ids, table, task_ids, plan, validate, sparse_grad)
@@ -174,18 +225,41 @@ def aot_table_grad(grad_output: Tensor, input_ids: Tensor, vocab_size: int, task
     """Table gradient of aot_bias_add as ``(rows [U] int64, grads [U, d])`` for an optimizer.
 
     rows are the distinct rows of the flattened [n_tasks·V, d] table the tokens read (task·V + id),
-    ascending; grads[i] sums grad_output over those tokens in fp32 in a fixed order (bitwise
-    deterministic). No V×d tensor is allocated. ``validate=False`` skips the id range check (ids
-    already checked by the forward)."""
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
-    return _table_grad_rows_op(grad_output, input_ids, task_ids, plan, vocab_size, n_tasks, dtype, validate)
+    ascending; grads[i] sums grad_output over those tokens in fp32 (fp64 for an fp64 grad_output)
+    in a fixed order (bitwise deterministic), rounded once to ``dtype`` (a floating dtype). No V×d
+    tensor is allocated. ``validate=False`` skips the id range check and the check of a plan's
+    contents (ids already checked by the forward; plan from aot_segment_plan of these ids)."""
+    K.check_count("vocab_size", vocab_size)
+    K.check_count("n_tasks", n_tasks)
+    K.check_float_dtype("dtype", dtype)
+    K.check_flag("validate", validate)
+    # shapes here (traceable); the value checks (a host sync) run inside the op
+    K._check_grad_args(grad_output, input_ids, n_tasks, vocab_size, task_ids, False, dtype,
+                       None if torch.compiler.is_compiling() else plan)  # the op checks a traced plan
+    return _table_grad_rows_op(grad_output, input_ids, task_ids, plan, int(vocab_size), int(n_tasks), dtype, validate)
 
 
-def aot_segment_plan(input_ids: Tensor, vocab_size: int, task_ids: Tensor | None = None) -> Tensor:
-    """Sort plan of the table rows ``input_ids`` read (one sort, one host sync), reusable by every
-    aot_bias_add / aot_table_grad call with the same ids and task ids."""
+def aot_segment_plan(input_ids: Tensor, vocab_size: int, task_ids: Tensor | None = None, *,
+                     n_tasks: int | None = None) -> Tensor:
+    """Sort plan of the table rows ``input_ids`` read (one sort; host syncs for the range checks and
+    the number of distinct rows), reusable by every aot_bias_add / aot_table_grad call with the same
+    ids and task ids. Ids must lie in [0, vocab_size), task ids in [0, n_tasks) (>= 0 if n_tasks
+    is None)."""
     check_tensor("input_ids", input_ids, dtypes=INDEX_DTYPES)
+    vocab_size = K.check_count("vocab_size", vocab_size)
+    if n_tasks is not None:
+        n_tasks = K.check_count("n_tasks", n_tasks)
+    if task_ids is not None:
+        if not isinstance(task_ids, Tensor):
+            raise TypeError(f"task_ids: expected a tensor of task ids [B] or None, got {type(task_ids).__name__} "
+                            f"{task_ids!r} (with an int task id, build the plan of the ids alone)")
+        K._check_task_tensor(task_ids, input_ids)
+        K.check_same_device(input_ids=input_ids, task_ids=task_ids)
+        check_index_range("task_ids", task_ids, n_tasks if n_tasks is not None else 2 ** 62,
+                          what="task ids" + (f" (the table stacks {n_tasks} tasks)" if n_tasks else ""))
+    elif n_tasks is not None and n_tasks != 1:
+        raise ValueError(f"task_ids: required for a stacked table of {n_tasks} tasks")
+    check_index_range("input_ids", input_ids, vocab_size, what=f"token ids (vocabulary V = {vocab_size})")
     return K.segment_plan(K.flat_table_rows(input_ids, task_ids, vocab_size))
 
 
@@ -228,21 +302,35 @@ class AoTConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.reparam not in _REPARAMS:
-            raise ValueError(f"reparam: expected one of {_REPARAMS}, got {self.reparam!r}")
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"rank: expected a positive int or None, got {self.rank!r}")
+
+        def choice(name, value, options, none_ok=False):
+            if value is None and none_ok:
+                return
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected one of {sorted(options)}{' or None' if none_ok else ''}, "
+                                f"got {type(value).__name__} {value!r}")
+            if value not in options:
+                raise ValueError(f"{name}: expected one of {sorted(options)}{' or None' if none_ok else ''}, "
+                                 f"got {value!r}")
+
+        choice("reparam", self.reparam, _REPARAMS)
+        if self.rank is not None:
+            K.check_count("rank", self.rank)
         if self.kron_factors is not None:
+            if not isinstance(self.kron_factors, (list, tuple)):
+                raise TypeError(f"kron_factors: expected [a, b] (two positive ints) or None, "
+                                f"got {type(self.kron_factors).__name__} {self.kron_factors!r}")
             kf = list(self.kron_factors)
-            if len(kf) != 2 or not all(isinstance(x, int) and x >= 1 for x in kf):
+            if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in kf):
+                raise TypeError(f"kron_factors: expected [a, b] with positive ints, got {self.kron_factors!r}")
+            if len(kf) != 2 or min(kf) < 1:
                 raise ValueError(f"kron_factors: expected [a, b] with positive ints, got {self.kron_factors!r}")
-            self.kron_factors = kf
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
-        if not isinstance(self.n_tasks, int) or self.n_tasks < 1:
-            raise ValueError(f"n_tasks: expected a positive int, got {self.n_tasks!r}")
-        if self.table_dtype is not None and self.table_dtype not in _DTYPES:
-            raise ValueError(f"table_dtype: expected one of {sorted(_DTYPES)} or None, got {self.table_dtype!r}")
+            self.kron_factors = [int(x) for x in kf]
+        choice("activation", self.activation, _ACTIVATIONS)
+        for name in ("sparse_grad", "inplace", "compiled"):
+            K.check_flag(name, getattr(self, name))
+        K.check_count("n_tasks", self.n_tasks)
+        choice("table_dtype", self.table_dtype, _DTYPES, none_ok=True)
         if self.target_modules is not None and len(self.target_modules) != 1:
             raise ValueError("target_modules: AoT takes one name, that of the layer ModuleList, "
                              f"got {self.target_modules!r}")
@@ -398,6 +486,9 @@ class AoTBias(nn.Module):
     def materialize(self, dtype: torch.dtype | None = None, chunk: int = 4096) -> Tensor:
         """This task's full table [L, V, d] from the reparameterisation (V in chunks)."""
         self._require_reparam()
+        _check_table_dtype(dtype)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
         dtype = dtype or self._embedding[0].weight.dtype
         ref = next(self.parameters())
         out = torch.empty(self.n_layers, self.vocab_size, self.hidden_size, dtype=dtype, device=ref.device)
@@ -451,12 +542,21 @@ class AoTBias(nn.Module):
             raise ValueError("task_ids: multi-task batches need compiled tables (compile_aot_tables / "
                              "load_task_tables); a training-mode AoT model has one task")
         n = self.config.n_tasks
-        if isinstance(task_ids, int) and not isinstance(task_ids, bool):
+        if isinstance(task_ids, bool):
+            raise TypeError(f"task_ids: expected a tensor of task ids [B], a list of ints, an int or None, got bool "
+                            f"{task_ids!r}")
+        if isinstance(task_ids, numbers.Integral):
             if not 0 <= task_ids < n:
                 raise IndexError(f"task_ids: task {task_ids} out of range for {n} stacked tasks")
-            return task_ids
+            return int(task_ids)
         if isinstance(task_ids, (list, tuple)):
-            task_ids = torch.tensor(task_ids)
+            bad = [t for t in task_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+            if bad or not task_ids:
+                raise TypeError(f"task_ids: expected a non-empty list of ints, got {task_ids!r}")
+            if not all(0 <= t < n for t in task_ids):
+                raise IndexError(f"task_ids: task ids must lie in [0, {n}) (the tables stack {n} tasks), "
+                                 f"got {list(task_ids)}")
+            task_ids = torch.tensor([int(t) for t in task_ids], dtype=torch.long)
         check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
         check_index_range("task_ids", task_ids, n, what=f"task ids (the tables stack {n} tasks)")
         return task_ids.to(self._embedding[0].weight.device)
@@ -586,6 +686,11 @@ def _input_embedding(model: nn.Module) -> nn.Embedding:
     return emb
 
 
+def _check_table_dtype(dtype) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in _DTYPES.values()):
+        raise TypeError(f"dtype: expected None or a float dtype {[f'torch.{k}' for k in _DTYPES]}, got {dtype!r}")
+
+
 def get_aot(model: nn.Module) -> AoTBias:
     """The AoTBias attached to ``model`` by peftops.apply(model, AoTConfig(...))."""
     owner = getattr(model, ATTR, None)
@@ -647,6 +752,9 @@ class AoTMethod(Method):
             return
         _load_reparam(owner, state)
 
+    def is_merged(self, model: nn.Module, config: AoTConfig) -> bool:
+        return getattr(getattr(model, ATTR, None), "_merge_stash", None) is not None
+
     def merge(self, model: nn.Module, config: AoTConfig) -> None:
         """Serve from the compiled tables; the reparameterisation is kept aside (same Parameter
         objects) so ``unmerge`` can go back to training (``compile_aot_tables`` drops it for good)."""
@@ -684,6 +792,9 @@ def _load_reparam(owner: AoTBias, state: dict[str, Tensor]) -> None:
     own = dict(owner.named_parameters())
     check_state_matches(own, state, f"AoT {owner.config.reparam} reparameterisation",
                         f"vocabulary {owner.vocab_size}, hidden {owner.hidden_size}, {owner.n_layers} layers")
+    snap = transaction()
+    if snap is not None:
+        snap.protect(*own.values())
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(state[k])
@@ -697,6 +808,7 @@ def materialize_aot_tables(model: nn.Module, dtype: torch.dtype | None = None) -
     return get_aot(model).materialize(dtype)
 
 
+@atomic
 def compile_aot_tables(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Materialise the table [1, L, V, d], drop the reparameterisation, serve with the gather-add only.
     Outputs are unchanged up to rounding the table to ``dtype``."""
@@ -723,6 +835,7 @@ def stack_task_tables(tables: Sequence[Tensor]) -> Tensor:
     return torch.cat(parts, 0)
 
 
+@atomic
 def set_aot_tables(model: nn.Module, tables: Tensor | Sequence[Tensor]) -> nn.Module:
     """Serve ``model`` from these tables ([L, V, d], [n_tasks, L, V, d] or a list of per-task tables);
     applies AoT in compiled mode first if the model has none."""
@@ -737,18 +850,28 @@ def set_aot_tables(model: nn.Module, tables: Tensor | Sequence[Tensor]) -> nn.Mo
     return model
 
 
+@atomic
 def load_task_tables(model: nn.Module, directories: Sequence[str], dtype: torch.dtype | None = None) -> nn.Module:
     """Multi-task serving: load several saved AoT adapters (compiled or not) as stacked tables.
 
     Task i of the result is directories[i] (a directory with n compiled tasks contributes n)."""
-    from .model import _read_adapter
+    import os
 
+    from .model import _check_base_class, _read_adapter
+
+    if isinstance(directories, (str, bytes, os.PathLike)) or not isinstance(directories, Sequence):
+        raise TypeError(f"directories: expected a list of adapter directories (one per task), got "
+                        f"{type(directories).__name__} {directories!r:.60}; for one task pass [directory]")
+    if len(directories) == 0:
+        raise ValueError("directories: expected at least one adapter directory")
+    _check_table_dtype(dtype)
     emb = _input_embedding(model)
     _, layers = _find_layer_list(model, AoTConfig())
     hidden = getattr(getattr(model, "config", None), "hidden_size", None) or emb.embedding_dim
     parts = []
     for directory in directories:
         meta, state = _read_adapter(directory)
+        _check_base_class(model, meta, directory)
         entries = [e for e in meta["adapters"] if e.get("method") == "aot"]
         if not entries:
             raise ValueError(f"directories: {directory!s} holds no AoT adapter")

@@ -275,3 +275,207 @@ def test_torch_compile_fullgraph_matches_eager(device, backend):
             h2 = h.detach().clone()
             torch.compile(serve, fullgraph=True)(h2, ids, table.detach(), tasks)
         torch.testing.assert_close(h2, want / w, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# regressions (issue 12): mixed dtypes, named errors, plans that are not the ids'
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp64_table_under_16bit_hidden(device, backend, dtype):
+    """16-bit hidden + fp64 table: the fp64 sum rounded to hidden's dtype (the interpreter's direct
+    fp64 -> bf16 cast returned NaN / garbage); and the fp64 gradient back into a 16-bit table."""
+    g = torch.Generator().manual_seed(20)
+    h = (torch.randn(3, 7, 67, generator=g) * 100).to(dtype).to(device)
+    ids = torch.randint(0, 11, (3, 7), generator=g).to(device)
+    table = (torch.randn(11, 67, generator=g, dtype=torch.float64) * 1000).to(device)
+    with force_backend(backend):
+        out = aot.aot_bias_add(h, ids, table)
+    assert out.dtype == dtype
+    assert_close(out, _expected(h, ids, table, None), dtype=dtype)
+    h64 = h.double().requires_grad_()
+    t16 = table.to(dtype).requires_grad_()
+    w = torch.randn(3, 7, 67, generator=g, dtype=torch.float64).to(device)
+    with force_backend(backend):
+        (aot.aot_bias_add(h64, ids, t16) * w).sum().backward()
+        rows, sums = aot.aot_table_grad(w, ids, 11, dtype=dtype)
+    want = torch.zeros(11, 67, dtype=torch.float64).index_add_(0, ids.cpu().reshape(-1), w.cpu().reshape(-1, 67))
+    assert t16.grad.dtype == dtype
+    assert_close(t16.grad, want, dtype=dtype)
+    assert_close(sums, want[rows.cpu()], dtype=dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_fp64_sum_is_rounded_once(device, backend):
+    """1 + 2^-11 + 2^-40 is just above an fp16 midpoint: rounded once it is 1 + 2^-10; through fp32
+    (torch's fp64 -> fp16 cast) it lands on the midpoint and rounds to even, 1."""
+    h = torch.ones(1, 1, 1, dtype=torch.float16, device=device)
+    table = torch.tensor([[2.0 ** -11 + 2.0 ** -40]], dtype=torch.float64, device=device)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with force_backend(backend):
+        out = aot.aot_bias_add(h, ids, table)
+        _, sums = aot.aot_table_grad(table.view(1, 1, 1) + 1, ids, 1, dtype=torch.float16)
+    assert float(out) == 1 + 2.0 ** -10
+    assert float(sums) == 1 + 2.0 ** -10
+    assert float(K.round_once(torch.tensor([1 + 2.0 ** -8 + 2.0 ** -40], dtype=torch.float64),
+                              torch.bfloat16)) == 1 + 2.0 ** -7
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_integer_dtype_is_refused(device, backend):
+    grad = torch.randn(2, 3, 4, device=device)
+    ids = torch.tensor([[0, 1, 1], [2, 0, 3]], device=device)
+    with force_backend(backend):
+        for dt in (torch.int32, torch.int64, torch.bool):
+            with pytest.raises(TypeError, match=r"^dtype: expected a floating dtype"):
+                aot.aot_table_grad(grad, ids, 4, dtype=dt)
+            with pytest.raises(TypeError, match=r"^dtype: expected a floating dtype"):
+                K.table_grad_dense(grad, ids, (4, 4), dtype=dt)
+        with pytest.raises(TypeError, match=r"^dtype: expected a floating torch.dtype"):
+            aot.aot_table_grad(grad, ids, 4, dtype="float32")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_plan_of_other_ids_is_refused(device, backend):
+    g = torch.Generator().manual_seed(21)
+    grad = torch.randn(3, 5, 8, generator=g).to(device)
+    ids = torch.randint(0, 6, (3, 5), generator=g).to(device)
+    tasks = torch.tensor([1, 0, 1], device=device)
+    plan = aot.aot_segment_plan(ids, 6, tasks)
+    other = aot.aot_segment_plan(torch.roll(ids, 1, dims=1), 6, tasks)  # same length, other rows
+    perm = plan[:15]
+    n_seg = K.plan_num_segments(plan, 15)
+    seg_count = plan[15 + n_seg:15 + 2 * n_seg]
+    s = int(torch.argmax(seg_count))
+    start = int(seg_count[:s].sum())
+    unstable = plan.clone()  # two tokens of one segment swapped: the same sums, not the same order
+    unstable[start], unstable[start + 1] = plan[start + 1], plan[start]
+    slots = plan.clone()
+    slots[15 + 4 * n_seg:15 + 5 * n_seg] += 1  # slot starts shifted
+    with force_backend(backend):
+        for bad, exc, match in [(other, ValueError, "rows its tokens read"), (unstable, ValueError, "stable"),
+                                (slots, ValueError, "slot starts"), (plan[:-1], ValueError, "entries do not fit"),
+                                (plan[:-6], ValueError, "counts"),
+                                (plan.int(), TypeError, "expected dtype"), (plan.float(), TypeError, "expected dtype"),
+                                (plan.view(1, -1), ValueError, "expected 1 dims")]:
+            with pytest.raises(exc, match=r"^plan: .*" + match):
+                aot.aot_table_grad(grad, ids, 6, tasks, n_tasks=2, plan=bad)
+            with pytest.raises(exc, match=r"^plan: .*" + match):
+                K.table_grad_dense(grad, ids, (2, 6, 8), tasks, plan=bad)
+        with pytest.raises(ValueError, match=r"^plan: .*rows its tokens read"):
+            aot.aot_bias_add(grad, ids, torch.randn(2, 6, 8, device=device), tasks, plan=other)
+        with pytest.raises(ValueError, match=r"^plan: .*entries do not fit"):  # shape: checked unvalidated too
+            aot.aot_bias_add(grad, ids, torch.randn(2, 6, 8, device=device), tasks, plan=plan[:-1], validate=False)
+        rows, sums = aot.aot_table_grad(grad, ids, 6, tasks, n_tasks=2, plan=plan)  # its own plan passes
+        rows2, sums2 = aot.aot_table_grad(grad, ids, 6, tasks, n_tasks=2)
+    assert torch.equal(rows, rows2) and torch.equal(sums, sums2)
+    assert torch.equal(perm, torch.sort(K.flat_table_rows(ids, tasks, 6), stable=True)[1])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_more_bad_arguments_are_named(device, backend):
+    h = torch.randn(2, 3, 4, device=device)
+    ids = torch.tensor([[0, 4, 1], [2, 2, 3]], device=device)
+    t3 = torch.randn(2, 5, 4, device=device)
+    cases = [
+        (lambda: aot.aot_bias_add(h, ids, t3, True), TypeError, "task_ids"),
+        (lambda: aot.aot_bias_add(h, ids, t3, 1.0), TypeError, "task_ids"),
+        (lambda: aot.aot_bias_add(h, ids, t3, torch.tensor([True, False], device=device)), TypeError, "task_ids"),
+        (lambda: aot.aot_bias_add(h, ids, t3, -1), IndexError, "task_ids"),
+        (lambda: aot.aot_bias_add(h, ids, t3[0], inplace="yes"), TypeError, "inplace"),
+        (lambda: aot.aot_bias_add(h, ids, t3[0], sparse_grad=1), TypeError, "sparse_grad"),
+        (lambda: aot.aot_bias_add(h, ids, t3[0], validate=None), TypeError, "validate"),
+        (lambda: aot.aot_bias_add(h, ids, t3[:, :0], torch.tensor([0, 1], device=device)), ValueError, "table"),
+        (lambda: aot.aot_bias_add(h[:1, :1].expand(2, 3, 4), ids, t3[0], inplace=True), ValueError, "inplace"),
+        (lambda: K.gather_add(h, ids, t3[0], out=h[:1, :1].expand(2, 3, 4)), ValueError, "out"),
+        (lambda: aot.aot_table_grad(h, ids, True), TypeError, "vocab_size"),
+        (lambda: aot.aot_table_grad(h, ids, 5.0), TypeError, "vocab_size"),
+        (lambda: aot.aot_table_grad(h, ids, 5, torch.tensor([0, 1], device=device), n_tasks=True), TypeError,
+         "n_tasks"),
+        (lambda: aot.aot_table_grad(h, ids, 5, torch.tensor([0, 2], device=device), n_tasks=2), IndexError,
+         "task_ids"),
+        (lambda: aot.aot_table_grad(h[..., :0], ids, 5), ValueError, "grad"),
+        (lambda: aot.aot_table_grad(torch.randn((), device=device), ids[0, 0], 5), ValueError, "grad"),
+        (lambda: K.table_grad_dense(h, ids, (5.0, 4)), TypeError, "table_shape"),
+        (lambda: K.table_grad_dense(h, ids, (True, 4)), TypeError, "table_shape"),
+        (lambda: aot.aot_segment_plan(ids, True), TypeError, "vocab_size"),
+        (lambda: aot.aot_segment_plan(ids, 4), IndexError, "input_ids"),
+        (lambda: aot.aot_segment_plan(ids, 5, torch.tensor([0.0, 1.0], device=device)), TypeError, "task_ids"),
+        (lambda: aot.aot_segment_plan(ids, 5, torch.tensor([0, -1], device=device)), IndexError, "task_ids"),
+        (lambda: aot.aot_segment_plan(ids, 5, torch.tensor([0, 2], device=device), n_tasks=2), IndexError,
+         "task_ids"),
+        (lambda: aot.aot_segment_plan(ids, 5, torch.tensor([0], device=device)), ValueError, "task_ids"),
+        (lambda: aot.aot_segment_plan(ids, 5, 1), TypeError, "task_ids"),
+    ]
+    with force_backend(backend):
+        for i, (call, exc, name) in enumerate(cases):
+            with pytest.raises(exc, match=rf"^{name}: "):
+                call()
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_expanded_hidden_is_added_out_of_place_when_automatic(device, backend):
+    h = torch.randn(1, 1, 4, device=device).expand(2, 3, 4)
+    ids = torch.tensor([[0, 4, 1], [2, 2, 3]], device=device)
+    table = torch.randn(5, 4, device=device)
+    with force_backend(backend), torch.no_grad():
+        out = aot.aot_bias_add(h, ids, table, inplace=None)
+    assert out is not h
+    assert_close(out, _expected(h, ids, table, None))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_unvalidated_bad_ids_add_and_send_nothing_on_both_paths(device, backend):
+    """validate=False: a token with a bad id or task id gets no bias and sends no gradient, the
+    same on both paths (the reference used to wrap negative ids / raise; the backward wrote the row)."""
+    h = torch.randn(2, 4, 16, device=device, requires_grad=True)
+    ids = torch.tensor([[0, 5, -3, 1], [10 ** 9, 2, 4, 4]], device=device)
+    table = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    tasks = torch.tensor([1, 7], device=device)
+    w = torch.randn(2, 4, 16, device=device)
+    with force_backend(backend):
+        out = aot.aot_bias_add(h, ids, table, tasks, validate=False)
+        (out * w).sum().backward()
+    want = h.detach().clone()
+    want[0, 0] += table.detach()[1, 0]
+    want[0, 3] += table.detach()[1, 1]
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    grad = torch.zeros(2, 5, 16, device=device)
+    grad[1, 0] = w[0, 0]
+    grad[1, 1] = w[0, 3]
+    torch.testing.assert_close(table.grad, grad, atol=0, rtol=0)
+
+
+def test_config_and_task_id_values_are_named():
+    from peftops import AoTConfig
+
+    for kw, exc, name in [(dict(rank=True), TypeError, "rank"), (dict(rank=float("nan")), TypeError, "rank"),
+                          (dict(rank=0), ValueError, "rank"), (dict(n_tasks=True), TypeError, "n_tasks"),
+                          (dict(n_tasks=0), ValueError, "n_tasks"), (dict(kron_factors=[True, 4]), TypeError,
+                                                                     "kron_factors"),
+                          (dict(kron_factors=[0, 4]), ValueError, "kron_factors"),
+                          (dict(kron_factors=4), TypeError, "kron_factors"),
+                          (dict(activation=["relu"]), TypeError, "activation"),
+                          (dict(table_dtype=["float32"]), TypeError, "table_dtype"),
+                          (dict(table_dtype="int8"), ValueError, "table_dtype"),
+                          (dict(reparam=None), TypeError, "reparam"), (dict(sparse_grad="no"), TypeError,
+                                                                       "sparse_grad"),
+                          (dict(inplace=1), TypeError, "inplace"), (dict(compiled=None), TypeError, "compiled")]:
+        with pytest.raises(exc, match=rf"^{name}: "):
+            AoTConfig(**kw).validate()
+    AoTConfig(rank=3, kron_factors=(2, 3), n_tasks=2, table_dtype="bfloat16").validate()
+
+
+def test_check_task_ids_values_are_named():
+    from torch import nn
+
+    from peftops import AoTConfig
+
+    owner = aot.AoTBias(AoTConfig(compiled=True, n_tasks=3), 1, 5, 4, nn.Embedding(5, 4))
+    assert owner.check_task_ids(2) == 2 and owner.check_task_ids(None) is None
+    assert torch.equal(owner.check_task_ids([0, 2, 1]), torch.tensor([0, 2, 1]))
+    for value, exc in [(True, TypeError), ([True, 1], TypeError), ([0.0, 1.0], TypeError), ([], TypeError),
+                       ([0, 3], IndexError), ([2 ** 70], IndexError), (3, IndexError), (-1, IndexError),
+                       (torch.tensor([0.0]), TypeError), (torch.tensor([[0]]), ValueError), ("0", TypeError)]:
+        with pytest.raises(exc, match=r"^task_ids: "):
+            owner.check_task_ids(value)

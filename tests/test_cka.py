@@ -219,8 +219,66 @@ def test_bad_input_names_the_argument():
         linear_cka(x, y, torch.ones(9, dtype=torch.bool))
     with pytest.raises(ValueError, match="form: expected one of"):
         linear_cka(x, y, form="gram")
-    with pytest.raises(ValueError, match="x, y: need at least one feature"):
+    with pytest.raises(ValueError, match=r"^x: need at least one feature"):
         linear_cka(torch.randn(10, 0), y)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="y: expected a tensor on"):
             linear_cka(x.cuda(), y)
+
+
+# ----------------------------------------------------------------------------------------------
+# regressions (issue 12): scale invariance at the ends of the range, named errors
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("form", ["features", "tokens"])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_extreme_scales(device, backend, dtype, form):
+    """CKA is scale invariant: inputs ~1e30 (squares overflowed fp32) or ~1e-30 (underflowed) give the
+    fp64 reference's value; padding rows with huge garbage do not set the scale."""
+    x, y = _pair(37, 13, 9, device, torch.float64, seed=30)
+    mask = _mask(37, device, "int", seed=31)
+    exps = {torch.float16: (-10, 10)}.get(dtype, (-100, 100)) if dtype != torch.float64 else (-1000, 1000)
+    for ex, ey in [(exps[1], exps[1]), (exps[0], exps[0]), (exps[1], exps[0])]:
+        xs, ys = (x * 2.0 ** ex).to(dtype), (y * 2.0 ** ey).to(dtype)
+        if dtype != torch.float16:
+            xs[mask == 0] = torch.finfo(dtype).max / 2   # padding: garbage far above the valid rows
+        want = _ref64(xs, ys, mask)
+        with force_backend(backend):
+            got = linear_cka(xs, ys, mask, form=form)
+            got_unmasked = linear_cka(xs[mask != 0], ys[mask != 0], form=form)
+        assert abs(float(got) - float(want)) <= _tol(dtype), (ex, ey, float(got), float(want))
+        assert abs(float(got_unmasked) - float(want)) <= _tol(dtype)
+    if dtype in (torch.float32, torch.bfloat16):  # 1e±30 as in the issue (not powers of two)
+        for s in (1e30, 1e-30):
+            xs, ys = (x * s).to(dtype), (y * s).to(dtype)
+            with force_backend(backend):
+                got = linear_cka(xs, ys, mask, form=form)
+            assert abs(float(got) - float(_ref64(xs, ys, mask))) <= _tol(dtype), (s, float(got))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_power_of_two_scaling_is_bitwise_invariant(device, backend, dtype):
+    x, y = _pair(29, 11, 6, device, torch.float64, seed=32)
+    x, y = x.to(dtype), y.to(dtype)
+    mask = _mask(29, device, "bool", seed=33)
+    with force_backend(backend):
+        base = linear_cka(x, y, mask)
+        for ex, ey in [(3, -4), (-2, 5)]:
+            got = linear_cka(x * 2.0 ** ex, y * 2.0 ** ey, mask)
+            assert torch.equal(got, base), (ex, ey, float(got), float(base))
+
+
+def test_more_bad_input_names_the_argument():
+    x, y = torch.randn(10, 4), torch.randn(10, 3)
+    with pytest.raises(TypeError, match=r"^mask: expected a torch.Tensor"):
+        linear_cka(x, y, [1] * 10)
+    with pytest.raises(TypeError, match=r"^mask: expected a bool, integer or float"):
+        linear_cka(x, y, torch.ones(10, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"^y: need at least one feature"):
+        linear_cka(x, torch.randn(10, 0))
+    for args, exc, name in [((True, 3, 4), TypeError, "tokens"), ((10, 2.0, 4), TypeError, "dx"),
+                            ((10, 3, 0), ValueError, "dy"), ((-1, 3, 4), ValueError, "tokens")]:
+        with pytest.raises(exc, match=rf"^{name}: "):
+            cka_form(*args)
