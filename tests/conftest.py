@@ -41,7 +41,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a longer end-to-end test")
 
 
+# Long end-to-end files (multi-process launches, the real SmolLM2, the GPU-run driver): marked slow so
+# `pytest -m "not slow"` is the quick subset (the compile check and the README run are marked in place).
+SLOW_FILES = {"test_distributed.py", "test_launchers.py", "test_fsdp.py", "test_safe_distributed.py",
+              "test_example_smollm2.py", "test_gpu_run.py"}
+SLOW_TESTS = {"test_demo_runs_every_method"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
     if config.getoption("--benchmark"):
         return
     skip = pytest.mark.skip(reason="benchmark case: run with pytest --benchmark")

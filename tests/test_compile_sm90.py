@@ -25,9 +25,10 @@ def _check(*args, timeout=1800):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _check_showing_progress(*args, timeout=1800):
+def _check_showing_progress(*args, capsys, timeout=1800):
     """Like _check, but the compile check's progress lines ("  sift: 50/212 compiled (31 s)") also go
-    to the terminal as they come, past pytest's capture: a family takes minutes on 2 cores."""
+    to the terminal as they come, past pytest's capture (capsys.disabled() lifts the fd-level capture
+    too): a family takes minutes on 2 cores."""
     import tempfile
 
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -39,8 +40,9 @@ def _check_showing_progress(*args, timeout=1800):
             for line in proc.stdout:
                 lines.append(line)
                 if line.startswith(("  ", "captured", "FAIL")) or " compiled, " in line:
-                    sys.__stderr__.write(f"[compile check] {line}")
-                    sys.__stderr__.flush()
+                    with capsys.disabled():
+                        sys.stderr.write(f"\n[compile check] {line.rstrip()}")
+                        sys.stderr.flush()
             proc.wait(timeout=timeout)
         except BaseException:
             proc.kill()
@@ -52,9 +54,9 @@ def _check_showing_progress(*args, timeout=1800):
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_variant_that_runs_compiles_within_the_resource_gate(family, tmp_path):
+def test_every_variant_that_runs_compiles_within_the_resource_gate(family, tmp_path, capsys):
     out = tmp_path / "report.json"
-    r = _check_showing_progress(family, "--json", str(out))
+    r = _check_showing_progress(family, "--json", str(out), capsys=capsys)
     print(r.stdout[-3000:])  # the per-family progress and summary show with -s / on failure
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-4000:]
     report = json.loads(out.read_text())

@@ -78,6 +78,8 @@ DEFAULT_TESTS=(
   tests/test_wegeft_model.py::test_llama_defaults_shared_generators_and_save_load
   tests/test_wegeft_op.py::test_frozen_weight_required
   tests/test_all_or_nothing.py   # ~10 s; not in every checkout (skipped when absent)
+  tests/test_validation_edges.py # ~3 s; both sides of every validated boundary
+  tests/test_modules_to_save.py  # ~30 s; the saved task head
 )
 if [ -n "${TESTS:-}" ]; then mapfile -t SELECTED < <(grep -v '^\s*\(#\|$\)' "$TESTS"); else SELECTED=("${DEFAULT_TESTS[@]}"); fi
 TESTS_OK=()
