@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .kernels import aot as K
 from .kernels._checks import INDEX_DTYPES, check_index_range, check_tensor
-from .model import AdapterConfig, Method, applied_configs, atomic, check_state_matches, register_method, transaction
+from .model import AdapterConfig, Method, applied_configs, atomic, load_checked_state, register_method
 
 __all__ = [
     "aot_bias_add", "aot_table_grad", "aot_segment_plan", "AoTConfig", "AoTMethod", "AoTBias", "AoTLayerBias",
@@ -789,15 +789,8 @@ class AoTMethod(Method):
 
 
 def _load_reparam(owner: AoTBias, state: dict[str, Tensor]) -> None:
-    own = dict(owner.named_parameters())
-    check_state_matches(own, state, f"AoT {owner.config.reparam} reparameterisation",
-                        f"vocabulary {owner.vocab_size}, hidden {owner.hidden_size}, {owner.n_layers} layers")
-    snap = transaction()
-    if snap is not None:
-        snap.protect(*own.values())
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(state[k])
+    load_checked_state(dict(owner.named_parameters()), state, f"AoT {owner.config.reparam} reparameterisation",
+                       f"vocabulary {owner.vocab_size}, hidden {owner.hidden_size}, {owner.n_layers} layers")
 
 
 # ----------------------------------------------------------------------------------------------

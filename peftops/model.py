@@ -27,7 +27,7 @@ from torch import nn
 __all__ = [
     "AdapterConfig", "Method", "register_method", "get_method", "apply", "save_adapter", "load_adapter",
     "merge", "unmerge", "adapter_state_dict", "trainable_summary", "find_target_modules",
-    "replace_module", "applied_configs", "check_state_matches",
+    "replace_module", "applied_configs", "check_state_matches", "load_checked_state",
 ]
 
 FORMAT_VERSION = 1
@@ -317,6 +317,19 @@ def check_state_matches(expected: dict[str, torch.Tensor], state: dict[str, torc
                              f"{list(ref.shape)}{f' ({hint})' if hint else ''}")
 
 
+def load_checked_state(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str,
+                       hint: str = "") -> None:
+    """``check_state_matches``, then copy each ``state[k]`` into ``targets[k]`` in place (converted to its
+    device and dtype); inside an all-or-nothing call the targets are protected first."""
+    check_state_matches(targets, state, what, hint)
+    snap = transaction()
+    if snap is not None:
+        snap.protect(*targets.values())
+    with torch.no_grad():
+        for k, t in targets.items():
+            t.copy_(state[k].to(device=t.device, dtype=t.dtype))
+
+
 # ----------------------------------------------------------------------------------------------
 # apply / merge
 # ----------------------------------------------------------------------------------------------
@@ -534,7 +547,8 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.T
     if not isinstance(declared, dict):
         raise bad(f"'tensors': expected a mapping name -> {{shape, dtype}}, got {type(declared).__name__}")
     for k, d in declared.items():
-        ok = (isinstance(d, dict) and isinstance(d.get("shape"), list) and d.get("dtype") in _JSON_DTYPES
+        ok = (isinstance(d, dict) and isinstance(d.get("shape"), list) and isinstance(d.get("dtype"), str)
+              and d["dtype"] in _JSON_DTYPES
               and all(type(n) is int and n >= 0 for n in d["shape"]))
         if not ok:
             raise bad(f"'tensors'[{k!r}]: expected {{'shape': [non-negative ints], 'dtype': a dtype name}}, got {d!r}")
@@ -561,13 +575,7 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.T
 
 def _load_saved_modules(model: nn.Module, heads: dict[str, torch.Tensor]) -> None:
     own = {f"{n}.{k}": v for n, mod in saved_modules(model) for k, v in mod.state_dict(keep_vars=True).items()}
-    check_state_matches(own, heads, "modules_to_save", "the saved task head must have this model's shape")
-    snap = transaction()
-    if snap is not None:
-        snap.protect(*own.values())
-    with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(heads[k].to(device=t.device, dtype=t.dtype))
+    load_checked_state(own, heads, "modules_to_save", "the saved task head must have this model's shape")
 
 
 def _check_base_class(model: nn.Module, meta: dict, path) -> None:

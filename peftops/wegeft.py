@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .kernels import wegeft as K
 from .kernels._checks import FLOAT_DTYPES, check_tensor
-from .model import (AdapterConfig, Method, check_state_matches, find_target_modules, register_method, replace_module,
+from .model import (AdapterConfig, Method, find_target_modules, load_checked_state, register_method, replace_module,
                     transaction)
 
 __all__ = ["wegeft_linear", "WeGeFTLinear", "WeGeFTConfig", "WeGeFTMethod", "LLAMA_TARGETS", "BERT_TARGETS"]
@@ -446,14 +446,8 @@ class WeGeFTMethod(Method):
         return out
 
     def load_adapter_state_dict(self, model: nn.Module, config: WeGeFTConfig, state: dict[str, Tensor]) -> None:
-        params = self.adapter_state_dict(model, config)
-        check_state_matches(params, state, "WeGeFT generator", "generators are [r, d_in] per target")
-        snap = transaction()
-        if snap is not None:
-            snap.protect(*params.values())
-        with torch.no_grad():
-            for key, p in params.items():
-                p.copy_(state[key].to(device=p.device, dtype=p.dtype))
+        load_checked_state(self.adapter_state_dict(model, config), state, "WeGeFT generator",
+                           "generators are [r, d_in] per target")
 
     def is_merged(self, model: nn.Module, config: WeGeFTConfig) -> bool:
         return any(mod.merged for _, mod in _adapted(model))

@@ -336,6 +336,7 @@ def test_load_refuses_other_format_versions(tmp_path, version):
 
 
 @pytest.mark.parametrize("edit", ["truncate_json", "truncate_weights", "tensors_not_a_dict", "bad_shape_entry",
+                                  "dtype_not_a_string",
                                   "duplicate_method", "foreign_key", "not_a_dir"])
 def test_load_refuses_corrupted_files(tmp_path, edit):
     _, path = _saved(tmp_path, llama, "wegeft")
@@ -351,6 +352,9 @@ def test_load_refuses_corrupted_files(tmp_path, edit):
     elif edit == "bad_shape_entry":
         k = next(iter(meta["tensors"]))
         meta["tensors"][k]["shape"] = [-1, True]
+    elif edit == "dtype_not_a_string":  # found by the property suite: an unhashable dtype gave a raw TypeError
+        k = next(iter(meta["tensors"]))
+        meta["tensors"][k]["dtype"] = []
     elif edit == "duplicate_method":
         meta["adapters"] = meta["adapters"] * 2
     elif edit == "foreign_key":
