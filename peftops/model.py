@@ -18,11 +18,14 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import threading
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
+
+from ._peft import PeftConfigBase, peft_type_or_name
 
 __all__ = [
     "AdapterConfig", "Method", "register_method", "get_method", "apply", "save_adapter", "load_adapter",
@@ -61,6 +64,9 @@ class AdapterConfig:
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules: expected at least one module name (None: the method's defaults)")
 
+    def __post_init__(self):
+        self.validate()  # a bad setting fails where it is written
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
@@ -77,6 +83,164 @@ class AdapterConfig:
         cfg = cls(**d)
         cfg.validate()
         return cfg
+
+
+ALL_LINEAR = "all-linear"
+
+
+def _help(text: str, default=None, **kw):
+    """A dataclass field with PEFT-style help text."""
+    if "default_factory" in kw:
+        return dataclasses.field(metadata={"help": text}, **kw)
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass
+class PeftMethodConfig(AdapterConfig, PeftConfigBase):
+    """Base of the configs that work both ways: ``peftops.apply(model, cfg)`` and
+    ``peft.get_peft_model(model, cfg)`` (a ``peft.PeftConfig`` whenever peft is installed).
+
+    Target selection follows PEFT's rules on both paths: a list of names matches a module whose
+    dotted name equals an entry or ends with ``.<entry>``; a string is a regular expression matched
+    against the whole name, or ``"all-linear"`` (every nn.Linear but the output / task head);
+    ``exclude_modules`` the same way; ``layers_to_transform`` keeps only the given layer indices
+    (the number after ``layers_pattern``, e.g. ``layers``, or the first numbered component)."""
+
+    target_modules: Optional[Union[list[str], str]] = _help(
+        "Modules to adapt: a list of names (exact, or the last components of the dotted name), a regex matched "
+        "against the whole name, or 'all-linear'. None: the method's defaults for the architecture.")
+    exclude_modules: Optional[Union[list[str], str]] = _help(
+        "Modules never adapted, given like target_modules.")
+    layers_to_transform: Optional[Union[list[int], int]] = _help(
+        "Adapt only these layer indices (the number after layers_pattern in the module name).")
+    layers_pattern: Optional[Union[list[str], str]] = _help(
+        "Name of the layer container whose index layers_to_transform reads, e.g. 'layers' or 'h'; None: the first "
+        "numbered component.")
+    modules_to_save: Optional[list[str]] = _help(
+        "Modules trained in full and saved with the adapter (a new task head). None: the head a transformers "
+        "*ForSequenceClassification / *ForTokenClassification / *ForQuestionAnswering model adds.")
+    bias: str = _help("Which biases train: only 'none' (biases stay frozen) is supported.", "none")
+    target_parameters: Optional[list[str]] = _help(
+        "PEFT's parameter targeting; peftops adapts nn.Linear modules only, so this must stay None.")
+    init_weights: bool = _help(
+        "True: the adapter starts as the identity (outputs equal the base model's). False: a random, non-identity "
+        "start (for tests).", True)
+
+    def __post_init__(self):
+        PeftConfigBase.__post_init__(self)
+        self.peft_type = peft_type_or_name(self.method.upper())
+        AdapterConfig.__post_init__(self)
+
+    def validate(self) -> None:
+        for field in ("target_modules", "exclude_modules"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                if not value:
+                    raise ValueError(f"{field}: expected a non-empty regex, 'all-linear' or a list of names, got ''")
+                if value != ALL_LINEAR:
+                    try:
+                        re.compile(value)
+                    except re.error as e:
+                        raise ValueError(f"{field}: {value!r} is not a valid regular expression ({e})") from None
+                continue
+            if isinstance(value, (set, frozenset)):
+                value = sorted(value, key=str)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value):
+                raise ValueError(f"{field}: expected a regex, 'all-linear' or a list of non-empty strings, got "
+                                 f"{value!r}")
+            setattr(self, field, list(value))
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules: expected at least one module name (None: the method's defaults)")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is not None and (not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(t, str) and t for t in self.modules_to_save)):
+            raise ValueError(f"modules_to_save: expected a list of non-empty strings, got {self.modules_to_save!r}")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        layers = self.layers_to_transform
+        if layers is not None:
+            items = [layers] if not isinstance(layers, (list, tuple)) else list(layers)
+            if not all(type(i) is int and i >= 0 for i in items):
+                raise ValueError(f"layers_to_transform: expected a layer index or a list of them (ints >= 0), got "
+                                 f"{layers!r}")
+            if isinstance(self.target_modules, str):
+                raise ValueError("layers_to_transform: only works with a list of target_modules (as in PEFT); put the "
+                                 "layer indices into the target_modules regex instead")
+            self.layers_to_transform = items
+        pattern = self.layers_pattern
+        if pattern is not None:
+            items = [pattern] if isinstance(pattern, str) else pattern
+            if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) and t for t in items):
+                raise ValueError(f"layers_pattern: expected a name or a list of names, got {pattern!r}")
+        if self.bias != "none":
+            raise ValueError(f"bias: expected 'none' (peftops keeps biases frozen), got {self.bias!r}")
+        if self.target_parameters is not None:
+            raise ValueError(f"target_parameters: peftops adapts nn.Linear modules (target_modules), got "
+                             f"{self.target_parameters!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights: expected True or False, got {self.init_weights!r}")
+        if not isinstance(self.inference_mode, bool):
+            raise ValueError(f"inference_mode: expected True or False, got {self.inference_mode!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        # PEFT's shape (save_pretrained writes it as adapter_config.json); save_adapter adds the method
+        return dataclasses.asdict(self)
+
+    def matches(self, name: str) -> bool:
+        """Whether the module called ``name`` is a target (PEFT's rules, see the class docstring);
+        "all-linear" is resolved by ``select_targets``."""
+        if _name_in(name, self.exclude_modules) or _name_in(name, self.modules_to_save, prefix_ok=True):
+            return False
+        if not _name_in(name, self.target_modules):
+            return False
+        if self.layers_to_transform is None:
+            return True
+        index = layer_index(name, self.layers_pattern)
+        return index is not None and index in self.layers_to_transform
+
+
+def _name_in(name: str, targets, prefix_ok: bool = False) -> bool:
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        return targets == ALL_LINEAR or re.fullmatch(targets, name) is not None
+    if prefix_ok:  # modules_to_save: the module or anything inside it
+        return any(re.match(rf"(^|.*\.){re.escape(t)}($|\..*)", name) for t in targets)
+    return any(_matches(name, t) for t in targets)
+
+
+def layer_index(name: str, pattern=None) -> Optional[int]:
+    """The layer number in a module name: after ``pattern`` (``layers.<i>.``), or the first numbered
+    component when ``pattern`` is None."""
+    patterns = [pattern] if isinstance(pattern, str) else (pattern or [None])
+    for p in patterns:
+        m = re.match(r".*?\.[^.]*\.(\d+)\." if p is None else rf"(?:^|.*?\.){re.escape(p)}\.(\d+)\.", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def output_heads(model: nn.Module) -> set[str]:
+    """Names of the modules "all-linear" leaves out: the output embedding and task heads."""
+    root = getattr(model, "_orig_mod", model)
+    heads = set()
+    get_out = getattr(root, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for n, m in root.named_modules():
+        if (out is not None and m is out) or n in HEAD_MODULES or n == "lm_head":
+            heads.add(n)
+    return heads
+
+
+def select_targets(model: nn.Module, config: "PeftMethodConfig", types: tuple[type, ...] = (nn.Linear,)
+                   ) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module of ``types`` that ``config`` targets, in model order."""
+    heads = output_heads(model) if config.target_modules == ALL_LINEAR else set()
+    return [(n, m) for n, m in model.named_modules()
+            if n and isinstance(m, types) and n not in heads and config.matches(n)]
 
 
 class Method:
@@ -482,7 +646,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: b
         "format_version": FORMAT_VERSION,
         "peftops_version": __version__,
         "base_model_class": type(getattr(model, "_orig_mod", model)).__name__,  # torch.compile'd: the model
-        "adapters": [c.to_dict() for c in applied_configs(model)],
+        "adapters": [{**c.to_dict(), "method": c.method} for c in applied_configs(model)],
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in state.items()},
     }
     os.makedirs(path, exist_ok=True)
@@ -501,6 +665,26 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: b
 
 
 _JSON_DTYPES = {"float16", "bfloat16", "float32", "float64", "int32", "int64", "int8", "uint8", "bool", "int16"}
+
+
+def _peft_folder_hint(peft_type) -> str:
+    """What to do with a folder Hugging Face PEFT's save_pretrained wrote."""
+    from .tuners import REGISTERED
+
+    if isinstance(peft_type, str) and peft_type.lower() in REGISTERED:
+        return (f"a PEFT adapter (peft_type {peft_type!r}, written by save_pretrained), not a native peftops one: "
+                "load it with peft.PeftModel.from_pretrained(model, directory) (import peftops first)")
+    try:
+        from peft.utils.peft_types import PeftType
+
+        known = peft_type in PeftType.__members__
+    except ImportError:
+        known = False
+    if known:
+        return (f"a PEFT adapter of PEFT's own method {peft_type!r}: load it with "
+                "peft.PeftModel.from_pretrained(model, directory)")
+    return (f"a PEFT adapter of method {peft_type!r}, which neither peftops ({sorted(REGISTERED)}) nor the installed "
+            "peft knows")
 
 
 def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -525,6 +709,8 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.T
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"not valid JSON ({e})") from None
+    if isinstance(meta, dict) and "peft_type" in meta and "adapters" not in meta:
+        raise bad(_peft_folder_hint(meta.get("peft_type")))
     if not isinstance(meta, dict) or "adapters" not in meta or "tensors" not in meta:
         raise bad("not a peftops adapter config (missing 'adapters' or 'tensors')")
     version = meta.get("format_version")

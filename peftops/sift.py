@@ -342,6 +342,7 @@ class SIFTLinear(nn.Module):
     own fused step. After writing δ through ``.data`` by hand, call ``resync_()``."""
 
     peftops_adapter = True  # SAFE's cross-method protocol: X = forward input, Y = output
+    sift_calibration_target = True
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.delta]
@@ -527,6 +528,13 @@ class SIFTLinear(nn.Module):
         self._synced_version = -1
         self._own_params = (self.weight, self.delta)  # load_state_dict(assign=True) swaps them legitimately
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # a fused optimizer step leaves W[I] one step behind δ until the next forward: the saved
+        # weight is the one that forward would use (a checkpoint loaded into a plain base is current)
+        if self.selected and self.delta._version != self._synced_version:
+            self.resync_()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _check_params_not_swapped(self) -> None:
         """FSDP2's fully_shard swaps a module's Parameters for sharded DTensors (and, in forward, for
         all-gathered copies). SIFT's merged-in-place weight cannot survive that: the weight is re-gathered
@@ -576,6 +584,13 @@ class SIFTLinear(nn.Module):
 def sift_layers(model: nn.Module) -> list[tuple[str, SIFTLinear]]:
     """(name, layer) of every SIFTLinear in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SIFTLinear)]
+
+
+def calibration_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every layer ``sift_calibrate`` selects for: native SIFTLinear and the PEFT
+    tuner's layers (``peftops.tuners.sift``; their active adapter). The protocol: ``weight``,
+    ``density``, ``selected``, ``set_indices``, ``_calibrating``."""
+    return [(n, m) for n, m in model.named_modules() if getattr(type(m), "sift_calibration_target", False)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -761,7 +776,7 @@ def sift_calibrate(model: nn.Module, batches: Iterable, *, loss_fn: Callable[[nn
     is ready (selected at once for one batch, |grad| accumulated in fp32 for several), so at most
     one dense weight gradient lives at a time (plus the fp32 scores when calib_batches > 1).
     Every requires_grad flag is restored. Returns {layer name: indices}."""
-    layers = sift_layers(model)
+    layers = calibration_targets(model)
     if not layers:
         raise ValueError("model: no SIFTLinear module (apply a peftops.SIFTConfig first)")
     n_batches = calib_batches if calib_batches is not None else _configured(model, "calib_batches", 1)
@@ -869,7 +884,7 @@ def _make_callback_class():
         def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
             if model is None or train_dataloader is None:
                 raise RuntimeError("SIFTCalibrationCallback: the Trainer passed no model / train_dataloader")
-            layers = sift_layers(model)
+            layers = calibration_targets(model)
             if not layers or (all(layer.selected for _, layer in layers) and not self.recalibrate):
                 return control
             if torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -897,22 +912,40 @@ def __getattr__(name: str):
 # ----------------------------------------------------------------------------------------------
 # Model-level method
 # ----------------------------------------------------------------------------------------------
+INIT_INDICES = ("calibrate", "random")
+
+
 @dataclasses.dataclass
-class SIFTConfig(_model.AdapterConfig):
-    """SIFT on every nn.Linear matching ``target_modules`` (None: the Llama projections
-    q/k/v/o/gate/up/down if the model has them, else BERT's query/key/value/attention.output.dense).
-    ``density``: fraction of each weight's entries trained (k = int(density·numel) + 1).
-    ``calib_batches``: batches whose |∇W| are summed to select the index sets."""
+class SIFTConfig(_model.PeftMethodConfig):
+    """SIFT on every nn.Linear the target fields select (PEFT's rules, ``PeftMethodConfig``;
+    ``target_modules=None``: the Llama projections q/k/v/o/gate/up/down if the model has them, else
+    BERT's query/key/value/attention.output.dense), for ``peftops.apply`` and ``peft.get_peft_model``."""
 
     method: ClassVar[str] = "sift"
-    density: float = 0.01
-    calib_batches: int = 1
+    density: float = _model._help("Fraction of each weight's entries trained: k = int(density·numel) + 1.", 0.01)
+    calib_batches: int = _model._help("Batches whose |∇W| are summed to select the index sets.", 1)
+    init_indices: str = _model._help(
+        "'calibrate': index sets come from peftops.sift_calibrate(model, batches) (or a loaded adapter) before "
+        "training; 'random': uniformly random index sets at creation (ablations, tests).", "calibrate")
 
     def validate(self) -> None:
         super().validate()
         _check_density(self.density)
         if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
             raise ValueError(f"calib_batches: expected an int >= 1, got {self.calib_batches!r}")
+        if self.init_indices not in INIT_INDICES:
+            raise ValueError(f"init_indices: expected one of {INIT_INDICES}, got {self.init_indices!r}")
+
+
+def random_indices(weight: torch.Tensor, density: float) -> torch.Tensor:
+    """k = sift_k(numel, density) distinct flat indices into ``weight``, uniformly at random (sorted)."""
+    k = sift_k(weight.numel(), density)
+    return torch.sort(torch.randperm(weight.numel(), device=weight.device)[:k]).values
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    # any module type: the projections may already be wrapped (another adapter, PEFT's add_adapter)
+    return LLAMA_TARGETS if _model.find_target_modules(model, LLAMA_TARGETS, types=(nn.Module,)) else BERT_TARGETS
 
 
 _MERGED_KEY = "_peftops_sift_layer"  # on a merged nn.Linear: the SIFTLinear it came from (for unmerge)
@@ -935,21 +968,25 @@ class SIFTMethod(_model.Method):
     config_class = SIFTConfig
 
     def apply(self, model: nn.Module, config: SIFTConfig) -> None:
-        targets = config.target_modules
-        if targets is None:
-            targets = LLAMA_TARGETS if _model.find_target_modules(model, LLAMA_TARGETS) else BERT_TARGETS
+        if config.target_modules is None:
+            config.target_modules = list(_default_targets(model))
         taken = [(n, type(m).__name__) for n, m in model.named_modules()
-                 if n and getattr(type(m), "peftops_adapter", False) and any(n == t or n.endswith("." + t) for t in targets)]
+                 if n and getattr(type(m), "peftops_adapter", False) and config.matches(n)]
         if taken:
             raise ValueError(f"target_modules: {[n for n, _ in taken[:3]]} already adapted by another peftops method "
                              f"({taken[0][1]}); two weight adapters on one linear do not compose: give SIFT "
                              "target_modules disjoint from the other method's")
-        found = _model.find_target_modules(model, targets)
+        found = _model.select_targets(model, config)
         if not found:
-            raise ValueError(f"target_modules: no nn.Linear in {type(model).__name__} matches {targets}")
-        config.target_modules = list(targets)
+            raise ValueError(f"target_modules: no nn.Linear in {type(model).__name__} matches {config.target_modules}")
         for name, linear in found:
-            _model.replace_module(model, name, SIFTLinear.from_linear(linear, density=config.density))
+            layer = SIFTLinear.from_linear(linear, density=config.density)
+            if config.init_indices == "random":
+                layer.set_indices(random_indices(layer.weight, config.density))
+                if not config.init_weights:
+                    with torch.no_grad():
+                        layer.delta.normal_(0.0, 0.02)
+            _model.replace_module(model, name, layer)
 
     def adapter_state_dict(self, model: nn.Module, config: SIFTConfig) -> dict[str, torch.Tensor]:
         out = {}

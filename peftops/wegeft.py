@@ -17,15 +17,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Optional
+import re
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .kernels import wegeft as K
 from .kernels._checks import FLOAT_DTYPES, check_tensor
-from .model import (AdapterConfig, Method, find_target_modules, load_checked_state, register_method, replace_module,
-                    transaction)
+from .model import (Method, PeftMethodConfig, _help, load_checked_state, register_method, replace_module,
+                    select_targets, transaction)
 
 __all__ = ["wegeft_linear", "WeGeFTLinear", "WeGeFTConfig", "WeGeFTMethod", "LLAMA_TARGETS", "BERT_TARGETS"]
 
@@ -186,6 +187,15 @@ class WeGeFTLinear(nn.Module):
     equal to the base layer's). Generators of fp16/bf16 layers are stored in fp32 when
     ``upcast_generators`` (cast to the weight dtype in forward; their gradients arrive in fp32).
 
+    ``generator_owner``: another WeGeFTLinear whose generators this layer shares (Φ, Ψ default to its
+    ``phi``/``psi``). Both layers register the same Parameters (so ``.to()``, DDP, FSDP's
+    ``ignored_params``, ``torch.compile`` and deepcopy treat them as usual), but only the owner's
+    ``state_dict`` carries them: a sharer leaves ``phi``/``psi`` out, so the model's state dict has no
+    aliased tensors and ``save_pretrained`` (safetensors) and Trainer checkpoints work. Loading, a
+    sharer needs no entry (one given, e.g. by an aliased ``torch.save`` file, is ignored: the owner's
+    is the copy) and keeps sharing the owner's Parameters after ``load_state_dict(assign=True)``.
+    ``WeGeFTMethod`` makes the first layer of each target the owner.
+
     ``dropout``: during training the generated branch sees W∘M/(1-p) (fresh mask per call, the
     authors' semantics: entries of W are dropped in the generated branch only); in eval, or p = 0,
     no dropout code runs. ``merge()`` folds s (W Φᵀ) Ψ into W and keeps a copy of the original W
@@ -197,10 +207,22 @@ class WeGeFTLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int = 64, alpha: float = 128.0, *, phi: Optional[nn.Parameter] = None,
                  psi: Optional[nn.Parameter] = None, dropout: float = 0.0, upcast_generators: bool = True,
-                 path: str = "auto", merge_backup: str = "cpu", generator_key: Optional[str] = None):
+                 path: str = "auto", merge_backup: str = "cpu", generator_key: Optional[str] = None,
+                 generator_owner: Optional["WeGeFTLinear"] = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        if generator_owner is not None:
+            if not isinstance(generator_owner, WeGeFTLinear):
+                raise TypeError(f"generator_owner: expected a WeGeFTLinear, got {type(generator_owner).__name__}")
+            if generator_owner.generator_owner is not None:
+                raise ValueError("generator_owner: expected the layer that owns the generators, got one that shares "
+                                 "another layer's (pass that layer's generator_owner)")
+            phi = generator_owner.phi if phi is None else phi
+            psi = generator_owner.psi if psi is None else psi
+            if phi is not generator_owner.phi or psi is not generator_owner.psi:
+                raise ValueError("generator_owner: phi/psi must be the owner's own Parameters (a sharer's state dict "
+                                 "leaves them out, so anything else would never be saved)")
         _check_hparams(r, alpha, dropout, path, merge_backup)
         if not isinstance(upcast_generators, bool):
             raise TypeError(f"upcast_generators: expected a bool, got {type(upcast_generators).__name__} "
@@ -231,8 +253,40 @@ class WeGeFTLinear(nn.Module):
         self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
         self.dropout, self.path, self.merge_backup = float(dropout), path, merge_backup
         self.generator_key = generator_key
+        # a plain attribute, not a submodule: the owner's tensors must not enter this layer's state dict
+        self.__dict__["_generator_owner"] = generator_owner
         self.merged = False
         self._original_weight: Optional[Tensor] = None
+
+    @property
+    def generator_owner(self) -> Optional["WeGeFTLinear"]:
+        """The layer whose state dict carries this layer's (shared) generators; None: this one's does."""
+        return self.__dict__.get("_generator_owner")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.generator_owner is not None:  # the owner's entries are the one copy
+            destination.pop(prefix + "phi", None)
+            destination.pop(prefix + "psi", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        owner = self.generator_owner
+        if owner is None:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            return
+        # state_dict is this module's own copy (torch's contract): drop the sharer's entries, if any
+        for name in ("phi", "psi"):
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for name in ("phi", "psi"):
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+            # load_state_dict(assign=True) gave the owner (loaded first: it comes first) new Parameters
+            if self._parameters[name] is not owner._parameters[name]:
+                self._parameters[name] = owner._parameters[name]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable tensors of this unit (the shared ones when generators are shared)."""
@@ -317,35 +371,28 @@ BERT_EXCLUDE = ["attention.output.dense"]  # "output.dense" is the FFN down proj
 
 
 @dataclasses.dataclass
-class WeGeFTConfig(AdapterConfig):
-    """WeGeFT settings (defaults: the authors' LLM scripts).
+class WeGeFTConfig(PeftMethodConfig):
+    """WeGeFT settings (defaults: the authors' LLM scripts), for ``peftops.apply`` and for
+    ``peft.get_peft_model``. Target fields (``target_modules``, ``exclude_modules``,
+    ``layers_to_transform``, ...) follow PEFT's rules (``PeftMethodConfig``); None infers q, k, v, up,
+    down for Llama-style (q_proj ... down_proj) and BERT-style (query, key, value,
+    intermediate.dense, output.dense) models."""
 
-    target_modules: module-name suffixes; None infers q, k, v, up, down for Llama-style
-    (q_proj ... down_proj) and BERT-style (query, key, value, intermediate.dense, output.dense)
-    models and stores the resolved lists. exclude_modules: suffixes never adapted.
-    share_generators: one (Φ, Ψ) per target (projection type) shared by all its layers (their d_in
-    must agree), else one per layer. dropout, upcast_generators, path, merge_backup: see WeGeFTLinear.
-    """
-
-    method = "wegeft"
-    r: int = 64
-    alpha: float = 128.0
-    exclude_modules: Optional[list[str]] = None
-    share_generators: bool = True
-    dropout: float = 0.0
-    upcast_generators: bool = True
-    path: str = "auto"
-    merge_backup: str = "cpu"
+    method: ClassVar[str] = "wegeft"
+    r: int = _help("Rank of the generators Φ, Ψ [r, in_features].", 64)
+    alpha: float = _help("Scale numerator: the generated update is (alpha / r)·(W Φᵀ) Ψ.", 128.0)
+    share_generators: bool = _help(
+        "One (Φ, Ψ) per projection type shared by all its layers (their in_features must agree); False: one per "
+        "layer.", True)
+    dropout: float = _help("Dropout on W's entries in the generated branch during training, in [0, 1).", 0.0)
+    upcast_generators: bool = _help("Keep the generators of fp16/bf16 layers in fp32.", True)
+    path: str = _help("Kernel path: 'auto' (by token count), 'fused' or 'merged' (kernels/wegeft.py).", "auto")
+    merge_backup: str = _help("Where merge() keeps the original W for a bit-exact unmerge: 'cpu' or 'device'.",
+                              "cpu")
 
     def validate(self) -> None:
         super().validate()
         _check_hparams(self.r, self.alpha, self.dropout, self.path, self.merge_backup)
-        if self.exclude_modules is not None:
-            if isinstance(self.exclude_modules, str):
-                self.exclude_modules = [self.exclude_modules]
-            if not isinstance(self.exclude_modules, (list, tuple)) or \
-                    not all(isinstance(t, str) and t for t in self.exclude_modules):
-                raise ValueError(f"exclude_modules: expected a list of non-empty strings, got {self.exclude_modules!r}")
         for name in ("share_generators", "upcast_generators"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
@@ -359,27 +406,35 @@ def _resolve_targets(model: nn.Module, config: WeGeFTConfig) -> None:
     if config.target_modules is not None:
         return
     # layers another method already adapted count too (apply then names the conflict)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or getattr(type(m), "peftops_adapter", False)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or getattr(type(m), "peftops_adapter", False)
+             or isinstance(getattr(m, "base_layer", None), nn.Linear)]  # PEFT tuner layers (add_adapter)
     if any(_suffix_match(n, "q_proj") for n in names):
         config.target_modules = list(LLAMA_TARGETS)
     elif any(_suffix_match(n, "query") for n in names):
         config.target_modules = list(BERT_TARGETS)
-        config.exclude_modules = sorted(set(config.exclude_modules or []) | set(BERT_EXCLUDE))
+        excl = config.exclude_modules
+        if isinstance(excl, str):  # a regex: extend it
+            config.exclude_modules = rf"(?:{excl})|.*\.{re.escape(BERT_EXCLUDE[0])}"
+        else:
+            config.exclude_modules = sorted(set(excl or []) | set(BERT_EXCLUDE))
     else:
         raise ValueError(f"target_modules: cannot infer the q/k/v/up/down projections of {type(model).__name__} "
                          "(no Linear named *q_proj or *query); pass target_modules")
 
 
+def generator_key(name: str, targets) -> str:
+    """Which shared (Φ, Ψ) the module ``name`` uses: the most specific matching entry of a target list,
+    else (regex / 'all-linear' targets) the name with its layer numbers replaced by '*'."""
+    if isinstance(targets, (list, tuple, set)):
+        hits = [t for t in targets if _suffix_match(name, t)]
+        if hits:
+            return max(hits, key=len)
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
 def _targets(model: nn.Module, config: WeGeFTConfig) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, generator key) of every module to adapt; the key is the most specific target."""
-    exclude = config.exclude_modules or []
-    out = []
-    for name, mod in find_target_modules(model, config.target_modules):
-        if any(_suffix_match(name, e) for e in exclude):
-            continue
-        key = max((t for t in config.target_modules if _suffix_match(name, t)), key=len)
-        out.append((name, mod, key))
-    return out
+    """(name, module, generator key) of every module to adapt."""
+    return [(name, mod, generator_key(name, config.target_modules)) for name, mod in select_targets(model, config)]
 
 
 def _adapted(model: nn.Module) -> list[tuple[str, WeGeFTLinear]]:
@@ -400,11 +455,8 @@ class WeGeFTMethod(Method):
 
     def apply(self, model: nn.Module, config: WeGeFTConfig) -> None:
         _resolve_targets(model, config)
-        exclude = config.exclude_modules or []
         taken = [(n, type(m).__name__) for n, m in model.named_modules()
-                 if n and getattr(type(m), "peftops_adapter", False)
-                 and any(_suffix_match(n, t) for t in config.target_modules)
-                 and not any(_suffix_match(n, e) for e in exclude)]
+                 if n and getattr(type(m), "peftops_adapter", False) and config.matches(n)]
         if taken:
             raise ValueError(f"target_modules: {[n for n, _ in taken[:3]]} already adapted by another peftops method "
                              f"({taken[0][1]}); two weight adapters on one linear do not compose: give WeGeFT "
@@ -430,11 +482,19 @@ class WeGeFTMethod(Method):
                 psi = nn.Parameter(torch.empty(config.r, d_ins[0], dtype=gdtype, device=first.weight.device))
                 nn.init.kaiming_uniform_(psi, a=math.sqrt(5))
                 shared[key] = (phi, psi)
+        seen: set[str] = set()
+        owners: dict[str, WeGeFTLinear] = {}  # per shared target: its first layer, whose state dict holds Φ, Ψ
         for name, mod, key in found:
             phi, psi = shared.get(key, (None, None))
             new = WeGeFTLinear(mod, config.r, config.alpha, phi=phi, psi=psi, dropout=config.dropout,
                                upcast_generators=config.upcast_generators, path=config.path,
-                               merge_backup=config.merge_backup, generator_key=key)
+                               merge_backup=config.merge_backup, generator_key=key, generator_owner=owners.get(key))
+            if key in shared:
+                owners.setdefault(key, new)
+            if not config.init_weights and (phi is None or key not in seen):
+                with torch.no_grad():  # a non-identity start (tests, ablations): Φ like Ψ's init, scaled down
+                    nn.init.normal_(new.phi, std=0.02)
+            seen.add(key)
             replace_module(model, name, new)
 
     def adapter_state_dict(self, model: nn.Module, config: WeGeFTConfig) -> dict[str, Tensor]:

@@ -44,7 +44,7 @@ def pytest_configure(config):
 # Long end-to-end files (multi-process launches, the real SmolLM2, the GPU-run driver): marked slow so
 # `pytest -m "not slow"` is the quick subset (the compile check and the README run are marked in place).
 SLOW_FILES = {"test_distributed.py", "test_launchers.py", "test_fsdp.py", "test_safe_distributed.py",
-              "test_example_smollm2.py", "test_gpu_run.py"}
+              "test_example_smollm2.py", "test_gpu_run.py", "test_trl_smollm2.py"}
 SLOW_TESTS = {"test_demo_runs_every_method"}
 
 

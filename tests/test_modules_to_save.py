@@ -74,10 +74,20 @@ def test_no_head_is_inferred_for_a_causal_lm_and_names_are_checked():
     before = fingerprint(model)
     with pytest.raises(ValueError, match=r"^modules_to_save: no module"):
         peftops.apply(model, WeGeFTConfig(r=2, modules_to_save=["head_that_is_not_there"]))
-    with pytest.raises(ValueError, match=r"^modules_to_save: 'bert.encoder.layer.0.attention.self.query' holds"):
-        peftops.apply(model, SIFTConfig(modules_to_save=["layer.0.attention.self.query"]))
     with pytest.raises(ValueError, match=r"^modules_to_save: expected a list"):
         peftops.apply(model, SIFTConfig(modules_to_save=[3]))
+    assert_unchanged(model, before)
+    # PEFT's rule: a module to save is never a target of the same config ...
+    query = "bert.encoder.layer.0.attention.self.query"
+    peftops.apply(model, SIFTConfig(modules_to_save=["layer.0.attention.self.query"]))
+    assert type(model.get_submodule(query)) is torch.nn.Linear and model.get_submodule(query).weight.requires_grad
+    # ... but one another method already adapted cannot be trained in full as well
+    model = bert()
+    peftops.apply(model, WeGeFTConfig(r=2))
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=rf"^modules_to_save: '{query}' holds"):
+        peftops.apply(model, SIFTConfig(target_modules=["attention.output.dense"],
+                                        modules_to_save=["layer.0.attention.self.query"]))
     assert_unchanged(model, before)
 
 

@@ -541,10 +541,11 @@ def test_sift_config_accepts_valid(density, calib):
 @given(field=st.sampled_from(["density", "calib_batches", "target_modules"]), data=st.data())
 def test_sift_config_rejects_bad_fields(field, data):
     bad = {"density": [*BAD_REALS, 0.0, -0.1, 1.5], "calib_batches": [True, False, 0, -2, 2.0, "2", None, float("nan")],
-           # (a non-iterable target_modules, e.g. 5, raises a bare TypeError in AdapterConfig: not covered here)
-           "target_modules": [[""], [1], ["q", None]]}[field]
+           "target_modules": [[""], [1], ["q", None], 5, "(unclosed"]}[field]
     value = data.draw(st.sampled_from(bad), label="value")
-    cfg = SIFTConfig(**{field: value})
+    _raises(ValueError, field, lambda: SIFTConfig(**{field: value}))  # where it is written
+    cfg = SIFTConfig()
+    setattr(cfg, field, value)  # and at apply, for a field changed after construction
     before = dataclasses.asdict(cfg)
     _raises(ValueError, field, cfg.validate)
     assert dataclasses.asdict(cfg) == before
@@ -560,7 +561,7 @@ _WEGEFT_BAD = {
     "path": ["fast", None, 1, ["fused"]],
     "merge_backup": ["gpu", None, True],
     "exclude_modules": [[""], [1], 3],
-    "target_modules": [[""], [None]],
+    "target_modules": [[""], [None], 5, "(unclosed", []],
 }
 
 
@@ -575,7 +576,9 @@ def test_wegeft_config_accepts_valid(r, alpha, dropout, path, share, upcast):
 @given(field=st.sampled_from(sorted(_WEGEFT_BAD)), data=st.data())
 def test_wegeft_config_rejects_bad_fields(field, data):
     value = data.draw(st.sampled_from(_WEGEFT_BAD[field]), label="value")
-    cfg = WeGeFTConfig(**{field: value})
+    _raises(ValueError, field, lambda: WeGeFTConfig(**{field: value}))
+    cfg = WeGeFTConfig()
+    setattr(cfg, field, value)
     before = dataclasses.asdict(cfg)
     _raises(ValueError, field, cfg.validate)
     assert dataclasses.asdict(cfg) == before

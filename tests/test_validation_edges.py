@@ -75,7 +75,8 @@ def test_from_dict_unknown_field_and_method_mismatch():
 def test_adapter_config_module_lists(field):
     cfg = WeGeFTConfig(**{field: "q_proj"})
     cfg.validate()
-    assert getattr(cfg, field) == ["q_proj"]
+    # PEFT's rules: a string target is a regex over the whole name, a string head is one name
+    assert getattr(cfg, field) == ("q_proj" if field == "target_modules" else ["q_proj"])
     cfg = WeGeFTConfig(**{field: ("a", "b")})
     cfg.validate()
     assert getattr(cfg, field) == ["a", "b"]
@@ -437,9 +438,9 @@ def test_wegeft_path_and_merge_backup():
 
 
 def test_wegeft_exclude_modules():
-    cfg = WeGeFTConfig(exclude_modules="x")
+    cfg = WeGeFTConfig(exclude_modules="x")  # a regex over the whole name, as in PEFT
     cfg.validate()
-    assert cfg.exclude_modules == ["x"]
+    assert cfg.exclude_modules == "x"
     WeGeFTConfig(exclude_modules=["a", "b.c"]).validate()
     WeGeFTConfig(exclude_modules=None).validate()
     WeGeFTConfig(exclude_modules=[]).validate()
