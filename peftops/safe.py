@@ -44,6 +44,10 @@ of every rank's tokens. Freezing under ``DistributedDataParallel`` needs ``find_
 and ``static_graph=False`` (the Trainer's default unless activation checkpointing is on); otherwise
 SAFE raises before freezing (see ``SAFE``). docs/distributed.md has what is and is not released.
 
+Checkpoints: ``SAFE.state_dict()`` (JSON-safe: scores, frozen units, log, the token-sampling
+generators' states) and ``load_state_dict`` resume a run exactly; ``SAFECallback`` puts it into every
+Trainer checkpoint (trainer_state.json) and restores it on ``trainer.train(resume_from_checkpoint=...)``.
+
     safe = peftops.SAFE(model, peftops.SAFEConfig(warmup_steps=100, ramp_end_step=600,
                                                   final_threshold=0.3), optimizer=opt)
     for t, batch in enumerate(loader):            # plain loop
@@ -54,6 +58,7 @@ SAFE raises before freezing (see ``SAFE``). docs/distributed.md has what is and 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import inspect
@@ -404,6 +409,7 @@ class SAFE:
         self._batch_mask_flat: torch.Tensor | None = None
         self._rows_cache: dict = {}
         self._generators: dict = {}
+        self._rng_pending: dict[str, torch.Tensor] = {}  # device type -> sampling state from load_state_dict
         self._failed: set[str] = set()
         self._forward_arg_names = self._arg_names(model)
         self._current: int | None = None
@@ -563,32 +569,204 @@ class SAFE:
         _MANAGED_BY[key] = weakref.ref(self)
 
     # -- checkpointing ----------------------------------------------------------------------------
+    STATE_VERSION = 1
+
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self._current, "history": {u.name: list(u.history) for u in self.units},
-                "frozen": {u.name: u.frozen_at for u in self.units if u.frozen}, "log": list(self.log)}
+        """Everything a resumed run needs to continue exactly as the uninterrupted one: the prepared
+        step (and whether its measuring hooks were live), every unit's score history and freezing
+        step, the log, the units whose measurement failed, and the state of the token-sampling
+        generators (per device type). JSON-safe (str, int, float, bool, None, lists, dicts; NaN scores
+        stay NaN), so it can live in a Trainer checkpoint's trainer_state.json (``SAFECallback``).
+        The config is not part of it: the resumed SAFE is built with its own."""
+        return {
+            "version": self.STATE_VERSION,
+            "step": self._current,
+            "armed": bool(self._handles),
+            "units": self.unit_names,
+            "history": {u.name: [[t, s] for t, s in u.history] for u in self.units},
+            "frozen": {u.name: u.frozen_at for u in self.units if u.frozen},
+            "failed": sorted(self._failed),
+            "sampling": self._sampling_state(),
+            "log": copy.deepcopy(self.log),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore histories and frozen units (freezing them again) from ``state_dict()``."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state: expected the dict of SAFE.state_dict(), got {type(state).__name__}")
-        for name in list(state.get("history", {})) + list(state.get("frozen", {})):
-            if name not in self._by_name:
-                raise KeyError(f"state: unknown adapter unit {name!r}")
-        try:  # everything parsed before anything changes
-            histories = {name: [(int(t), float(s)) for t, s in hist] for name, hist in state.get("history", {}).items()}
-            frozen = {name: int(t) for name, t in state.get("frozen", {}).items()}
-            log = list(state.get("log", []))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"state: not a SAFE.state_dict() ({e})") from None
-        for name, hist in histories.items():
+        """Continue from ``state_dict()`` (of a SAFE over the same adapter units): histories, log,
+        failed units and sampling state are replaced by the state's; the state's frozen units are
+        frozen again (units this SAFE froze stay frozen; optimizer state of what freezes is
+        released). Then the step is prepared again, the later of this SAFE's ``step_index`` and the
+        state's step, with the restored scores: a resume (``SAFE(model, config, optimizer,
+        start_step=global_step)`` then ``load_state_dict``) freezes at its first step exactly what
+        the uninterrupted run froze there. Call it after the optimizer has loaded its checkpoint
+        (the parameters frozen here have no optimizer state in it).
+
+        All-or-nothing: every field is checked first (errors begin with "state: ..."); nothing
+        changes on an error."""
+        parsed = self._parse_state(state)
+        self._check_not_managed()
+        to_freeze = [(self._by_name[n], t) for n, t in parsed["frozen"].items() if not self._by_name[n].frozen]
+        off = self._turning_off([u for u, _ in to_freeze])
+        if off:
+            self._check_ddp_allows_freezing(off)
+        saved_step = parsed["step"]
+        target = max(t for t in (self._current, saved_step, 0) if t is not None)
+        thr = self.config.threshold(target)
+        if target >= self.config.warmup_steps and any(sc < thr for hist in parsed["history"].values() for _, sc in hist):
+            self._check_ddp_allows_freezing(self._unique_params())  # the step prepared below may freeze more
+        # -- nothing below raises: checked above
+        self._disarm()
+        for name, hist in parsed["history"].items():
             self._by_name[name].history = hist
         by_step: dict[int, list[AdapterUnit]] = {}
-        for name, t in frozen.items():
-            if not self._by_name[name].frozen:
-                by_step.setdefault(t, []).append(self._by_name[name])
+        for u, t in to_freeze:
+            by_step.setdefault(t, []).append(u)
         for t, us in sorted(by_step.items()):
             self._freeze_units(us, t)
-        self.log = log + [e for e in self.log if e not in log]
+        self._failed = set(parsed["failed"]) | self._failed
+        self._load_sampling_state(parsed["sampling"])
+        own, loaded = self._entry, parsed["log"]
+        self.log = loaded + [e for e in self.log if e is not own and e not in loaded]
+        self._current, self._entry, self._await_reduce = None, None, False
+        last = loaded[-1] if loaded else None
+        if saved_step == target and last is not None and last["step"] == target:
+            # the state was saved with this step prepared: its decisions are in the state already
+            self._current, self._entry = target, last
+            if parsed["armed"] and last["measuring"] and any(not u.frozen for u in self.units):
+                self._arm()
+                self._await_reduce = self._group is not None
+        else:
+            self.begin_step(target)
+
+    def _parse_state(self, state) -> dict[str, Any]:
+        """``state`` checked and converted (fresh objects: nothing aliases the caller's dict)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected the dict of SAFE.state_dict(), got {type(state).__name__}")
+        fields = {"version", "step", "armed", "units", "history", "frozen", "failed", "sampling", "log"}
+        extra = sorted(map(str, set(state) - fields))
+        if extra:
+            raise ValueError(f"state: unknown fields {extra[:5]} (expected those of SAFE.state_dict(): {sorted(fields)})")
+        version = state.get("version", self.STATE_VERSION)
+        if type(version) is not int or version != self.STATE_VERSION:
+            raise ValueError(f"state: version: expected {self.STATE_VERSION}, got {version!r} (written by another "
+                             "peftops?)")
+        known = self._by_name
+
+        def bad(field, what, got):
+            return ValueError(f"state: {field}: expected {what}, got {got!r:.120}")
+
+        def unit(field, name):
+            if not isinstance(name, str) or name not in known:
+                raise ValueError(f"state: {field}: unknown adapter unit {name!r:.80}; this SAFE's units are e.g. "
+                                 f"{self.unit_names[:3]}")
+            return name
+
+        def step_of(field, t, allow_none=False):
+            if t is None and allow_none:
+                return None
+            if not _is_int(t) or t < 0:
+                raise bad(field, "an integer step >= 0" + (" or None" if allow_none else ""), t)
+            return int(t)
+
+        def score_of(field, s):
+            if isinstance(s, bool) or not isinstance(s, numbers.Real):
+                raise bad(field, "a number (an importance score)", s)
+            return float(s)
+
+        def mapping(field):
+            v = state.get(field, {})
+            if not isinstance(v, dict):
+                raise bad(field, "a mapping unit name -> ...", v)
+            return v
+
+        out: dict[str, Any] = {"step": step_of("step", state.get("step"), allow_none=True)}
+        armed = state.get("armed", True)
+        if not isinstance(armed, bool):
+            raise bad("armed", "True or False", armed)
+        out["armed"] = armed
+        units = state.get("units")
+        if units is not None:
+            if not isinstance(units, list) or not all(isinstance(n, str) for n in units):
+                raise bad("units", "a list of adapter unit names", units)
+            missing, unexpected = sorted(set(known) - set(units)), sorted(set(units) - set(known))
+            if missing or unexpected:
+                raise ValueError(f"state: units: the state's adapter units are not this SAFE's (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}): a checkpoint of another model or adapter config?")
+        history = {}
+        for name, hist in mapping("history").items():
+            unit("history", name)
+            if not isinstance(hist, (list, tuple)):
+                raise bad(f"history[{name!r}]", "a list of [step, score] pairs", hist)
+            pairs = []
+            for i, pair in enumerate(hist):
+                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                    raise bad(f"history[{name!r}][{i}]", "a [step, score] pair", pair)
+                pairs.append((step_of(f"history[{name!r}][{i}]", pair[0]),
+                              score_of(f"history[{name!r}][{i}]", pair[1])))
+            history[name] = pairs
+        out["history"] = history
+        out["frozen"] = {unit("frozen", name): step_of(f"frozen[{name!r}]", t) for name, t in mapping("frozen").items()}
+        failed = state.get("failed", [])
+        if not isinstance(failed, (list, tuple)):
+            raise bad("failed", "a list of adapter unit names", failed)
+        out["failed"] = [unit("failed", n) for n in failed]
+        sampling = state.get("sampling", {})
+        if not isinstance(sampling, dict):
+            raise bad("sampling", "a mapping device type -> generator state (hex)", sampling)
+        out["sampling"] = {}
+        for dev_type, hexstate in sampling.items():
+            try:
+                raw = torch.tensor(list(bytes.fromhex(hexstate)), dtype=torch.uint8)
+                try:
+                    probe = torch.Generator(device=dev_type)
+                except (RuntimeError, TypeError, ValueError):  # a device type this process lacks: kept, unused
+                    probe = None
+                if probe is not None:
+                    probe.set_state(raw)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"state: sampling[{dev_type!r:.40}]: not a torch.Generator state ({e})") from None
+            out["sampling"][dev_type] = raw
+        log = state.get("log", [])
+        if not isinstance(log, (list, tuple)):
+            raise bad("log", "a list of step entries", log)
+        entries = []
+        for i, e in enumerate(log):
+            where = f"log[{i}]"
+            if not isinstance(e, dict):
+                raise bad(where, "a dict (one step's entry)", e)
+            step_of(f"{where}['step']", e.get("step"))
+            score_of(f"{where}['threshold']", e.get("threshold"))
+            if not isinstance(e.get("measuring"), bool):
+                raise bad(f"{where}['measuring']", "True or False", e.get("measuring"))
+            newly = e.get("newly_frozen")
+            if not isinstance(newly, list):
+                raise bad(f"{where}['newly_frozen']", "a list of adapter unit names", newly)
+            for n in newly:
+                unit(f"{where}['newly_frozen']", n)
+            scores = e.get("scores", {})
+            if not isinstance(scores, dict):
+                raise bad(f"{where}['scores']", "a mapping unit name -> score", scores)
+            for n, sc in scores.items():
+                unit(f"{where}['scores']", n)
+                score_of(f"{where}['scores'][{n!r}]", sc)
+            entries.append(copy.deepcopy(e))
+        out["log"] = entries
+        return out
+
+    def _sampling_state(self) -> dict[str, str]:
+        """The token-sampling generators' states by device type (hex of torch.Generator.get_state())."""
+        out = {t: bytes(s.tolist()).hex() for t, s in self._rng_pending.items()}
+        for dev, gen in self._generators.items():
+            out[dev.type] = bytes(gen.get_state().tolist()).hex()
+        return out
+
+    def _load_sampling_state(self, states: dict[str, torch.Tensor]) -> None:
+        self._generators, self._rng_pending = {}, dict(states)
+        for dev in {p.device for p in self._unique_params()}:  # where the hooks will sample: set it now
+            saved = self._rng_pending.pop(dev.type, None)
+            if saved is not None:
+                gen = torch.Generator(device=dev)
+                gen.set_state(saved)
+                self._generators[dev] = gen
 
     # -- report -----------------------------------------------------------------------------------
     def report(self) -> str:
@@ -871,7 +1049,11 @@ class SAFE:
             gen = self._generators.get(device)
             if gen is None:
                 gen = torch.Generator(device=device)
-                gen.manual_seed(self.config.seed)
+                saved = self._rng_pending.pop(device.type, None)
+                if saved is not None and not torch.compiler.is_compiling():  # resumed: continue the stream
+                    gen.set_state(saved)
+                else:
+                    gen.manual_seed(self.config.seed)
                 self._generators[device] = gen
             keys = torch.rand(T, generator=gen, device=device)
             if mask is not None:
@@ -966,36 +1148,77 @@ class SAFE:
 # ----------------------------------------------------------------------------------------------
 def _make_callback_class():
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
-    class SAFECallback(TrainerCallback):
+    class SAFECallback(TrainerCallback, ExportableState):
         """Runs SAFE inside ``transformers.Trainer``: ``SAFECallback(SAFEConfig(...))`` builds the
         controller at train begin from the Trainer's model and optimizer (state released there);
         ``SAFECallback(safe)`` uses an existing one. Step t measures/freezes between
         ``on_step_begin`` and ``on_step_end`` (evaluation in between steps is never measured).
         ``callback.safe.report()`` after training; ``callback.safe.log`` has every step.
         ``process_group``: as in ``SAFE`` (under DDP the default WORLD group keeps the ranks'
-        decisions identical; freezing needs ``ddp_find_unused_parameters=True``)."""
+        decisions identical; freezing needs ``ddp_find_unused_parameters=True``).
 
-        def __init__(self, config_or_safe: SAFEConfig | SAFE, *, verbose: bool = False, process_group=None):
+        Checkpoints: SAFE's state (``SAFE.state_dict()``: scores, frozen units, log, sampling state)
+        goes into every Trainer checkpoint (trainer_state.json, ``stateful_callbacks['SAFECallback']``,
+        through transformers' ``ExportableState``). ``trainer.train(resume_from_checkpoint=...)``
+        restores it at train begin, after the Trainer loaded the weights and the optimizer state and
+        before the first step: the checkpoint's frozen units are frozen again, and the run continues
+        as the uninterrupted one would. This needs no Trainer option; with
+        ``restore_callback_states_from_checkpoint=True`` transformers replaces this callback object
+        by a copy built from its config (``trainer.callback_handler`` holds it), which restores the
+        same way. A checkpoint's SAFE state that does not fit raises (starting "resume_from_checkpoint:")
+        before anything changes; a checkpoint without one (written without SAFECallback) warns and
+        SAFE starts with no scores."""
+
+        def __init__(self, config_or_safe: SAFEConfig | SAFE | dict, *, verbose: bool = False, process_group=None):
+            if isinstance(config_or_safe, dict):  # rebuilt from a checkpoint's args (ExportableState)
+                try:
+                    config_or_safe = SAFEConfig(**config_or_safe)
+                except TypeError as e:
+                    raise ValueError(f"config_or_safe: expected a SAFEConfig's fields, got {sorted(config_or_safe)} "
+                                     f"({e})") from None
             if isinstance(config_or_safe, SAFE):
                 self.safe, self.config = config_or_safe, config_or_safe.config
             elif isinstance(config_or_safe, SAFEConfig):
                 self.safe, self.config = None, config_or_safe
             else:
                 raise TypeError(f"config_or_safe: expected a SAFEConfig or a SAFE, got {type(config_or_safe).__name__}")
+            if not isinstance(verbose, bool):
+                raise TypeError(f"verbose: expected True or False, got {verbose!r}")
             self.verbose = verbose
             self.process_group = process_group
 
+        def state(self) -> dict:
+            """What a Trainer checkpoint keeps of this callback (ExportableState)."""
+            return {"args": {"config_or_safe": dataclasses.asdict(self.config), "verbose": self.verbose},
+                    "attributes": {"safe_state": None if self.safe is None else self.safe.state_dict()}}
+
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            saved = _checkpoint_safe_state(state, type(self).__name__)
             if self.safe is None:
                 if model is None:
                     raise ValueError("model: the Trainer passed no model to SAFECallback.on_train_begin")
-                self.safe = SAFE(model, self.config, optimizer=optimizer, start_step=state.global_step,
-                                 process_group=self.process_group)
+                safe = SAFE(model, self.config, optimizer=optimizer, start_step=state.global_step,
+                            process_group=self.process_group)
+                if saved is not None:
+                    try:
+                        _load_checkpoint_state(safe, saved, type(self).__name__)
+                    except BaseException:
+                        safe.remove()  # built above, froze nothing: gone again
+                        raise
+                self.safe = safe
             else:
+                if saved is not None:
+                    _load_checkpoint_state(self.safe, saved, type(self).__name__)
                 if optimizer is not None:
                     self.safe.release(optimizer)
                 self.safe.begin_step(state.global_step)
+            entries = getattr(state, "stateful_callbacks", None)
+            if isinstance(entries, dict) and type(self).__name__ not in entries:
+                # resumed from a checkpoint written without this callback: the Trainer's next save
+                # indexes stateful_callbacks[name] and would raise KeyError
+                entries[type(self).__name__] = self.state()
 
         def on_step_begin(self, args, state, control, **kwargs):
             newly = self.safe.begin_step(state.global_step)
@@ -1012,6 +1235,38 @@ def _make_callback_class():
     SAFECallback.__module__ = __name__
     SAFECallback.__qualname__ = "SAFECallback"
     return SAFECallback
+
+
+_CHECKPOINT_WHAT = "resume_from_checkpoint: the checkpoint's SAFE state (trainer_state.json, stateful_callbacks[{!r}])"
+
+
+def _checkpoint_safe_state(state, name: str) -> dict | None:
+    """The SAFE state a resumed Trainer run restores (None: a fresh run, or a checkpoint without one)."""
+    if not getattr(state, "global_step", 0):
+        return None  # a fresh run: stateful_callbacks holds this run's own (initial) states
+    entries = getattr(state, "stateful_callbacks", None) or {}
+    data = entries.get(name) if isinstance(entries, dict) else None
+    if isinstance(data, list):  # several callbacks of this class: one SAFE per model, so the first
+        data = data[0] if data else None
+    saved = None
+    if data is not None:
+        attrs = data.get("attributes") if isinstance(data, dict) else None
+        if not isinstance(attrs, dict):
+            raise ValueError(f"{_CHECKPOINT_WHAT.format(name)}: expected {{'args': ..., 'attributes': {{'safe_state': "
+                             f"...}}}}, got {data!r:.120}")
+        saved = attrs.get("safe_state")
+    if saved is None:
+        warnings.warn(f"SAFE: resuming at step {state.global_step} from a checkpoint without SAFE state (written "
+                      "without SAFECallback, or by an older peftops); SAFE starts with no scores, so units are frozen "
+                      "only after they are measured again", stacklevel=3)
+    return saved
+
+
+def _load_checkpoint_state(safe: SAFE, saved, name: str) -> None:
+    try:
+        safe.load_state_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{_CHECKPOINT_WHAT.format(name)} does not fit this run: {e}") from None
 
 
 def __getattr__(name: str):
