@@ -39,6 +39,7 @@ from .aot import (
     get_aot,
     load_task_tables,
     materialize_aot_tables,
+    save_aot_tables,
     set_aot_tables,
     stack_task_tables,
 )

@@ -10,25 +10,35 @@ computed only for the unique ids of the batch:
 - ``fc``:     row(v) = act(E[v] · W1 + b1) · W2 + b2,          E the frozen word embeddings
 - ``direct``: row(v) = P[:, v, :]                                (a trainable [L, V, d]; tiny models)
 
-Ahead of time, each task's full [L, V, d] table is materialised once and the reparameterisation is
-dropped; serving is one fused gather-add per layer (in place when autograd is off). Several tasks'
-tables stack into [T, L, V, d] and one batch may mix tasks (a task id per sample).
+Ahead of time, each task's full [L, V, d] table is materialised once and the reparameterisation's
+parameters are dropped (a copy of their values is kept for saving); serving is one fused gather-add
+per layer (in place when autograd is off). Several tasks' tables stack into [T, L, V, d] and one
+batch may mix tasks (a task id per sample).
 
 The bias depends on the input ids, so it cannot fold into any weight: ``peftops.merge`` for AoT
-compiles the tables (same outputs, no reparameterisation left) and ``unmerge`` is not possible.
+serves from materialised tables (same outputs) and keeps the parameters aside, so ``unmerge`` goes
+back to training; after compile_aot_tables ``unmerge`` is not possible.
+
+On disk (docs/aot-on-disk.md): ``peftops.save_adapter`` stores the trained reparameterisation (the
+small factors), also after compile_aot_tables or peftops.merge; loading a folder saved in serving
+mode materialises its tables again (in the saved table_dtype, bit for bit the tables the saved model
+served). Compiled tables are stored only when asked, with ``save_aot_tables`` (in the serving dtype).
+Folders holding tables (save_aot_tables, or earlier peftops versions) load as before.
 
     cfg = AoTConfig(reparam="kron", rank=16)
     model = peftops.apply(model, cfg)            # hooks the embedding and every layer
     ...train...
     compile_aot_tables(model, dtype=torch.bfloat16)
-    peftops.save_adapter(model, "task_a/")       # the compiled tables
-    serve = load_task_tables(base, ["task_a/", "task_b/"])
+    peftops.save_adapter(model, "task_a/")       # the factors (MiB); tables are materialised on load
+    save_aot_tables(model, "task_a_tables/")     # only if asked: the [1, L, V, d] bf16 tables
+    serve = load_task_tables(base, ["task_a/", "task_b/"])   # factor and table folders, mixed
     serve(input_ids, aot_task_ids=torch.tensor([0, 1, 1, 0]))
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import numbers
 from typing import ClassVar, Iterator, Optional, Sequence
@@ -44,7 +54,7 @@ from .model import AdapterConfig, Method, applied_configs, atomic, load_checked_
 __all__ = [
     "aot_bias_add", "aot_table_grad", "aot_segment_plan", "AoTConfig", "AoTMethod", "AoTBias", "AoTLayerBias",
     "compile_aot_tables", "materialize_aot_tables", "stack_task_tables", "set_aot_tables", "load_task_tables",
-    "aot_tasks", "aot_disabled", "get_aot",
+    "save_aot_tables", "aot_tasks", "aot_disabled", "get_aot",
 ]
 
 
@@ -286,8 +296,11 @@ class AoTConfig(AdapterConfig):
     inplace: serve in place when autograd is off (hidden_states requested with
     output_hidden_states are then not touched either: in place is skipped for those calls).
     target_modules: dotted name of the transformer-layer ModuleList (default: found automatically).
-    compiled / n_tasks / table_dtype: set by compile_aot_tables / set_aot_tables (the adapter then
-    holds [n_tasks, L, V, d] tables of table_dtype)."""
+    compiled / n_tasks / table_dtype: set by compile_aot_tables / set_aot_tables / merge (the model
+    then serves [n_tasks, L, V, d] tables of table_dtype). In a saved folder they say how the loaded
+    model serves: compiled folders materialise their tables on load in table_dtype when they hold
+    the reparameterisation (what save_adapter stores), and load the tables as they are when they
+    hold ``tables`` (what save_aot_tables stores, and what earlier peftops versions stored)."""
 
     method: ClassVar[str] = "aot"
     reparam: str = "kron"
@@ -334,6 +347,11 @@ class AoTConfig(AdapterConfig):
         if self.target_modules is not None and len(self.target_modules) != 1:
             raise ValueError("target_modules: AoT takes one name, that of the layer ModuleList, "
                              f"got {self.target_modules!r}")
+
+    def to_dict(self):
+        # save_aot_tables stores the compiled tables: the saved config then says so (compiled, the
+        # number of tasks, the dtype stored), whatever mode the model itself is in
+        return {**super().to_dict(), **(self.__dict__.get("_store_tables") or {})}
 
     @property
     def resolved_rank(self) -> int | None:
@@ -417,7 +435,7 @@ class AoTBias(nn.Module):
     transformer layer). Serving: the ``tables`` buffer [n_tasks, L, V, d]."""
 
     def __init__(self, config: AoTConfig, n_layers: int, vocab_size: int, hidden_size: int,
-                 embedding: nn.Embedding, *, device=None, dtype=torch.float32):
+                 embedding: nn.Embedding, *, device=None, dtype=torch.float32, init: bool = True):
         super().__init__()
         self.config = config
         self.n_layers, self.vocab_size, self.hidden_size = n_layers, vocab_size, hidden_size
@@ -428,11 +446,15 @@ class AoTBias(nn.Module):
         self.compiled = bool(config.compiled)
         self.layers = nn.ModuleList(AoTLayerBias(self, i) for i in range(n_layers))
         self.register_buffer("tables", None)
+        self._merge_stash = None  # peftops.merge: the parameters set aside for unmerge
+        self._kept_reparam: dict[str, Tensor] | None = None  # compiled: the values the tables came from
         if not self.compiled:
-            self._build_reparam(device, dtype)
+            self._build_reparam(device, dtype, init)
 
     # -- reparameterisation ---------------------------------------------------------------------
-    def _build_reparam(self, device, dtype):
+    def _build_reparam(self, device, dtype, init=True):
+        """The reparameterisation's parameters, initialised (init=False: uninitialised, for a load;
+        the random generator is then left alone)."""
         cfg, V, d = self.config, self.vocab_size, self.hidden_size
         r = cfg.resolved_rank
         kw = dict(device=device, dtype=dtype)
@@ -442,22 +464,37 @@ class AoTBias(nn.Module):
                 raise ValueError(f"kron_factors: a·b = {a}·{b} = {a * b} must cover the vocabulary V = {V}")
             self.kron_b = b
             # W_R starts at zero (the model starts unchanged); W_L, W_M ~ N(0, 1/r) so kron rows have norm ~1
-            self.kron_left = nn.Parameter(torch.randn(a, r, **kw) * r ** -0.5)
-            self.kron_mid = nn.Parameter(torch.randn(b, r, **kw) * r ** -0.5)
+            self.kron_left = nn.Parameter(torch.randn(a, r, **kw) * r ** -0.5 if init else torch.empty(a, r, **kw))
+            self.kron_mid = nn.Parameter(torch.randn(b, r, **kw) * r ** -0.5 if init else torch.empty(b, r, **kw))
             for unit in self.layers:
                 unit.right = nn.Parameter(torch.zeros(r * r, d, **kw))
         elif cfg.reparam == "fc":
             emb = self._embedding[0].weight
             d_emb = emb.shape[1]
             bound = d_emb ** -0.5  # nn.Linear's default init for W1, b1; W2, b2 start at zero
-            self.fc_weight = nn.Parameter(torch.empty(d_emb, r, **kw).uniform_(-bound, bound))
-            self.fc_bias = nn.Parameter(torch.empty(r, **kw).uniform_(-bound, bound))
+            w1, b1 = torch.empty(d_emb, r, **kw), torch.empty(r, **kw)
+            if init:
+                w1.uniform_(-bound, bound)
+                b1.uniform_(-bound, bound)
+            self.fc_weight, self.fc_bias = nn.Parameter(w1), nn.Parameter(b1)
             for unit in self.layers:
                 unit.out_weight = nn.Parameter(torch.zeros(r, d, **kw))
                 unit.out_bias = nn.Parameter(torch.zeros(d, **kw))
         else:
             for unit in self.layers:
                 unit.table = nn.Parameter(torch.zeros(V, d, **kw))
+
+    def reparam_state(self) -> dict[str, Tensor] | None:
+        """The trained reparameterisation behind this adapter, named as ``named_parameters`` names it
+        while training: the live parameters (training); the parameters peftops.merge set aside; the
+        values compile_aot_tables, or a load that materialised the tables, kept (detached copies).
+        None when the tables came without one (set_aot_tables, a folder of tables, several tasks)."""
+        if not self.compiled:
+            return dict(self.named_parameters())
+        if self._merge_stash is not None:
+            shared, per_layer, _ = self._merge_stash
+            return {**shared, **{f"layers.{i}.{k}": p for i, params in enumerate(per_layer) for k, p in params.items()}}
+        return dict(self._kept_reparam) if self._kept_reparam is not None else None
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters shared by all layers' units (kron's W_L, W_M; fc's W1, b1)."""
@@ -519,7 +556,8 @@ class AoTBias(nn.Module):
             raise ValueError(f"tables: hidden size {d} does not match the model's {self.hidden_size} "
                              f"(shape {list(tables.shape)})")
         device = self._embedding[0].weight.device
-        self._merge_stash = None  # explicit tables replace whatever peftops.merge kept aside
+        self._merge_stash = None  # explicit tables replace whatever peftops.merge or compile kept aside
+        self._kept_reparam = None
         self._drop_reparam()
         self.tables = tables.to(device).contiguous()
         self.compiled = True
@@ -709,9 +747,10 @@ def _aot_config(model: nn.Module) -> AoTConfig:
 
 @register_method
 class AoTMethod(Method):
-    """AoT P-Tuning in the model-level API: adapter = the reparameterisation weights, or, once
-    compiled, the tables [n_tasks, L, V, d]; merge = compile (the bias is input dependent and
-    cannot fold into a weight), so unmerge is unavailable."""
+    """AoT P-Tuning in the model-level API: adapter = the reparameterisation weights, in every mode
+    (compiled tables [n_tasks, L, V, d] only through save_aot_tables, or for a folder that holds
+    them); merge = compile (the bias is input dependent and cannot fold into a weight), kept
+    reversible by unmerge until compile_aot_tables."""
 
     name = "aot"
     config_class = AoTConfig
@@ -733,24 +772,45 @@ class AoTMethod(Method):
             layer.register_forward_pre_hook(_LayerHook(owner, i), with_kwargs=True) for i, layer in enumerate(layers)]
 
     def adapter_state_dict(self, model: nn.Module, config: AoTConfig) -> dict[str, Tensor]:
+        """The trained reparameterisation, in every mode (training, merged, compiled); the compiled
+        tables only under save_aot_tables (the explicit option). A model serving tables that came
+        without a reparameterisation has nothing small to store: that is a named error."""
         owner = get_aot(model)
-        if owner.compiled:
-            if owner.tables is None:
-                raise ValueError("model: AoT is in compiled mode but holds no tables")
-            return {"tables": owner.tables}
-        return dict(owner.named_parameters())
+        store = config.__dict__.get("_store_tables")
+        if store is not None:
+            return {"tables": _tables_to_store(owner, _DTYPES[store["table_dtype"]])}
+        if owner.compiled and owner.tables is None:
+            raise ValueError("model: AoT is in compiled mode but holds no tables")
+        state = owner.reparam_state()
+        if state is None:
+            raise ValueError(
+                f"model: the AoT adapter serves compiled tables {list(owner.tables.shape)} [n_tasks, L, V, d] "
+                "without the reparameterisation they came from (set_aot_tables, load_task_tables, or a folder "
+                "of tables), and save_adapter stores reparameterisations only; store the tables explicitly "
+                "with peftops.save_aot_tables(model, directory, dtype)")
+        return state
 
     def load_adapter_state_dict(self, model: nn.Module, config: AoTConfig, state: dict[str, Tensor]) -> None:
         owner = get_aot(model)
-        if config.compiled or "tables" in state:
+        if "tables" in state:  # tables stored explicitly (save_aot_tables, or any earlier peftops)
             if set(state) != {"tables"}:
-                raise ValueError(f"state: a compiled AoT adapter holds exactly 'tables', got {sorted(state)}")
+                raise ValueError(f"state: compiled AoT tables are stored alone (exactly 'tables'), got {sorted(state)}")
             tables = state["tables"]
             if tables.dim() != 4:
                 raise ValueError(f"state: 'tables' has shape {list(tables.shape)}, expected [n_tasks, L, V, d]")
             owner.set_tables(tables)
             return
-        _load_reparam(owner, state)
+        if not owner.compiled:
+            _load_reparam(owner, state)
+            return
+        # a serving model and a stored reparameterisation: materialise the tables now, in table_dtype
+        if owner.tables is None and config.n_tasks != 1:
+            raise ValueError(f"state: a stored AoT reparameterisation is one task, but the config says "
+                             f"n_tasks={config.n_tasks}")
+        tmp = _bias_from_state(_geometry(owner), config, state)
+        tables = tmp.materialize(_DTYPES[config.table_dtype] if config.table_dtype else None)
+        owner.set_tables(tables)
+        owner._kept_reparam = {k: p.detach() for k, p in tmp.named_parameters()}
 
     def is_merged(self, model: nn.Module, config: AoTConfig) -> bool:
         return getattr(getattr(model, ATTR, None), "_merge_stash", None) is not None
@@ -793,6 +853,51 @@ def _load_reparam(owner: AoTBias, state: dict[str, Tensor]) -> None:
                        f"vocabulary {owner.vocab_size}, hidden {owner.hidden_size}, {owner.n_layers} layers")
 
 
+def _geometry(owner: AoTBias) -> tuple[nn.Embedding, int, int, int]:
+    return owner._embedding[0], owner.n_layers, owner.vocab_size, owner.hidden_size
+
+
+def _model_geometry(model: nn.Module) -> tuple[nn.Embedding, int, int, int]:
+    """(word embedding, L, V, d) of a model AoT is (or could be) applied to."""
+    if hasattr(model, ATTR):
+        return _geometry(get_aot(model))
+    emb = _input_embedding(model)
+    _, layers = _find_layer_list(model, AoTConfig())
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or emb.embedding_dim
+    return emb, len(layers), emb.num_embeddings, hidden
+
+
+def _bias_from_state(geometry, config: AoTConfig, state: dict[str, Tensor]) -> AoTBias:
+    """A stand-alone AoTBias (hooked into no model) of ``config``'s reparameterisation holding
+    ``state``: the stored tensors, checked against the model's shapes, in the dtype they were
+    stored in (the trained model's parameter dtype), so that its ``materialize(dtype)`` is bit for bit
+    the saved model's."""
+    emb, n_layers, vocab, hidden = geometry
+    dtypes = {v.dtype for v in state.values()}
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+    if dtype not in _DTYPES.values():  # mixed or not floating: the dtype apply() would give them
+        dtype = torch.float64 if emb.weight.dtype == torch.float64 else torch.float32
+    cfg = dataclasses.replace(config, compiled=False, n_tasks=1, table_dtype=None)
+    tmp = AoTBias(cfg, n_layers, vocab, hidden, emb, device=emb.weight.device, dtype=dtype, init=False)
+    _load_reparam(tmp, state)
+    return tmp
+
+
+def _tables_to_store(owner: AoTBias, dtype: torch.dtype) -> Tensor:
+    """The tables [n_tasks, L, V, d] save_aot_tables stores, in ``dtype``: materialised from the
+    reparameterisation where there is one (rounded once), else the served tables converted."""
+    if not owner.compiled:
+        return owner.materialize(dtype).unsqueeze(0)
+    if owner.tables is None:
+        raise ValueError("model: AoT is in compiled mode but holds no tables")
+    if owner.tables.dtype == dtype:
+        return owner.tables
+    state = owner.reparam_state()
+    if state is None:
+        return owner.tables.to(dtype)
+    return _bias_from_state(_geometry(owner), owner.config, state).materialize(dtype).unsqueeze(0)
+
+
 # ----------------------------------------------------------------------------------------------
 # ahead-of-time compilation and multi-task serving
 # ----------------------------------------------------------------------------------------------
@@ -803,11 +908,50 @@ def materialize_aot_tables(model: nn.Module, dtype: torch.dtype | None = None) -
 
 @atomic
 def compile_aot_tables(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Materialise the table [1, L, V, d], drop the reparameterisation, serve with the gather-add only.
-    Outputs are unchanged up to rounding the table to ``dtype``."""
+    """Materialise the table [1, L, V, d] in ``dtype`` (default: the embedding's dtype), drop the
+    reparameterisation's parameters (nothing trains, unmerge is not possible), serve with the
+    gather-add only. Outputs are unchanged up to rounding the table to ``dtype``.
+
+    A detached copy of the reparameterisation's values stays with the adapter (not a parameter or
+    buffer: it does not train and is not in the state_dict), so save_adapter still stores the small
+    factors, and loading them gives these tables back bit for bit (save_aot_tables stores the tables)."""
     owner = get_aot(model)
+    kept = {k: p.detach().clone() for k, p in owner.named_parameters()}
     owner.set_tables(owner.materialize(dtype))
+    owner._kept_reparam = kept
     return model
+
+
+def save_aot_tables(model: nn.Module, directory, dtype: torch.dtype | None = None, *,
+                    overwrite: bool = False) -> None:
+    """``peftops.save_adapter``, with AoT stored as its compiled tables [n_tasks, L, V, d] in ``dtype``
+    (the serving dtype) instead of its reparameterisation: the explicit option for the large form
+    (all-MiniLM-L6-v2: 134 MiB in bf16, 268 MiB in fp32, against 0.58 MiB of kron r=8 factors;
+    docs/aot-on-disk.md).
+
+    ``dtype`` default: the dtype the model serves its tables in (compiled or merged), else the
+    config's table_dtype, else the embedding's dtype (what compile_aot_tables would pick). Tables are
+    materialised from the reparameterisation in ``dtype`` where the model has one (bit for bit
+    compile_aot_tables(model, dtype)'s), else the served tables are converted. The folder says
+    compiled=True, n_tasks, table_dtype; load_adapter / load_task_tables load it as it is. The model
+    is not changed. Other applied methods and modules_to_save are saved as save_adapter saves them."""
+    from .model import save_adapter
+
+    _check_table_dtype(dtype)
+    owner = get_aot(model)
+    config = _aot_config(model)
+    if owner.compiled:
+        if owner.tables is None:
+            raise ValueError("model: AoT is in compiled mode but holds no tables")
+        dtype, n_tasks = dtype or owner.tables.dtype, owner.tables.shape[0]
+    else:
+        default = _DTYPES[config.table_dtype] if config.table_dtype else owner._embedding[0].weight.dtype
+        dtype, n_tasks = dtype or default, 1
+    config._store_tables = {"compiled": True, "n_tasks": int(n_tasks), "table_dtype": _dtype_name(dtype)}
+    try:
+        save_adapter(model, directory, overwrite=overwrite)
+    finally:
+        del config._store_tables
 
 
 def stack_task_tables(tables: Sequence[Tensor]) -> Tensor:
@@ -845,9 +989,17 @@ def set_aot_tables(model: nn.Module, tables: Tensor | Sequence[Tensor]) -> nn.Mo
 
 @atomic
 def load_task_tables(model: nn.Module, directories: Sequence[str], dtype: torch.dtype | None = None) -> nn.Module:
-    """Multi-task serving: load several saved AoT adapters (compiled or not) as stacked tables.
+    """Multi-task serving: load several saved AoT adapters as stacked tables [n_tasks, L, V, d].
 
-    Task i of the result is directories[i] (a directory with n compiled tasks contributes n)."""
+    Task i of the result is directories[i] (a directory with n compiled tasks contributes n). Each
+    folder may hold a reparameterisation (save_adapter, in any mode: its table is materialised here)
+    or tables (save_aot_tables, or earlier peftops versions), in any mixture.
+
+    ``dtype``: the stacked tables' dtype (a reparameterisation is materialised in it directly, stored
+    tables are converted). None: each task in its own serving dtype (a compiled folder's table_dtype;
+    for a folder saved while training, the embedding's dtype), stacked in the narrowest dtype that holds
+    them all exactly (torch.promote_types; bf16 with fp16 gives fp32), so every task serves exactly as
+    load_adapter of its folder alone. All folders are read and checked before the model changes."""
     import os
 
     from .model import _check_base_class, _read_adapter
@@ -858,11 +1010,10 @@ def load_task_tables(model: nn.Module, directories: Sequence[str], dtype: torch.
     if len(directories) == 0:
         raise ValueError("directories: expected at least one adapter directory")
     _check_table_dtype(dtype)
-    emb = _input_embedding(model)
-    _, layers = _find_layer_list(model, AoTConfig())
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or emb.embedding_dim
+    geometry = _model_geometry(model)
+    emb = geometry[0]
     parts = []
-    for directory in directories:
+    for i, directory in enumerate(directories):
         meta, state = _read_adapter(directory)
         _check_base_class(model, meta, directory)
         entries = [e for e in meta["adapters"] if e.get("method") == "aot"]
@@ -870,19 +1021,25 @@ def load_task_tables(model: nn.Module, directories: Sequence[str], dtype: torch.
             raise ValueError(f"directories: {directory!s} holds no AoT adapter")
         cfg = AoTConfig.from_dict(entries[0])
         sub = {k[len("aot::"):]: v for k, v in state.items() if k.startswith("aot::")}
-        param_dtype = torch.float64 if emb.weight.dtype == torch.float64 else torch.float32
-        tmp = AoTBias(dataclasses.replace(cfg), len(layers), emb.num_embeddings, hidden, emb,
-                      device=emb.weight.device, dtype=param_dtype)
-        if cfg.compiled:
-            if set(sub) != {"tables"}:
-                raise ValueError(f"directories: {directory!s}: a compiled AoT adapter holds exactly 'tables'")
-            tmp.set_tables(sub["tables"])
-            t = tmp.tables
-        else:
-            _load_reparam(tmp, sub)
-            t = tmp.materialize(dtype).unsqueeze(0)
-        parts.append(t.to(dtype or emb.weight.dtype))
-    return set_aot_tables(model, stack_task_tables(parts))
+        try:
+            if "tables" in sub:
+                if set(sub) != {"tables"}:
+                    raise ValueError(f"state: compiled AoT tables are stored alone (exactly 'tables'), "
+                                     f"got {sorted(sub)}")
+                holder = AoTBias(dataclasses.replace(cfg, compiled=True), *geometry[1:], emb, device=emb.weight.device)
+                holder.set_tables(sub["tables"])  # checks the shape against this model
+                t = holder.tables
+            else:
+                if cfg.compiled and cfg.n_tasks != 1:
+                    raise ValueError(f"state: a stored AoT reparameterisation is one task, but the config says "
+                                     f"n_tasks={cfg.n_tasks}")
+                serve = dtype or (_DTYPES[cfg.table_dtype] if cfg.compiled and cfg.table_dtype else None)
+                t = _bias_from_state(geometry, cfg, sub).materialize(serve).unsqueeze(0)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"directories[{i}]: {directory!s}: {e}") from None
+        parts.append(t)
+    target = dtype or functools.reduce(torch.promote_types, [t.dtype for t in parts])
+    return set_aot_tables(model, stack_task_tables([t.to(target) for t in parts]))
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """AoT P-Tuning on whole models: reparameterisations, hooks into BERT- and Llama-style
 transformers (tiny random configs, no downloads), ahead-of-time tables, multi-task serving,
-generation with a KV cache, save/load/merge through the model-level API."""
+generation with a KV cache, save/load/merge through the model-level API (what is stored on disk,
+and loading it back bit for bit: tests/test_aot_save.py)."""
 import json
 import os
 from contextlib import nullcontext
@@ -305,6 +306,7 @@ def test_save_load_roundtrip(tmp_path, reparam):
     model = peftops.apply(llama(), AoTConfig(reparam=reparam, rank=4))
     randomize(model)
     want = logits(model, ids)
+    params = {k: p.detach().clone() for k, p in aot.get_aot(model).named_parameters()}
     peftops.save_adapter(model, tmp_path / "reparam")
     loaded = peftops.load_adapter(llama(), tmp_path / "reparam")
     assert not aot.get_aot(loaded).compiled
@@ -312,10 +314,19 @@ def test_save_load_roundtrip(tmp_path, reparam):
 
     aot.compile_aot_tables(model, torch.bfloat16)
     served = logits(model, ids)
-    peftops.save_adapter(model, tmp_path / "tables")
-    meta = json.load(open(os.path.join(tmp_path / "tables", "adapter_config.json")))
+    # compiled: save_adapter still stores the factors; loading materialises the bf16 tables again
+    peftops.save_adapter(model, tmp_path / "compiled")
+    meta = json.load(open(os.path.join(tmp_path / "compiled", peftops.model.CONFIG_FILE)))
+    assert meta["adapters"][0]["compiled"] is True and meta["adapters"][0]["table_dtype"] == "bfloat16"
+    assert sorted(meta["tensors"]) == sorted(f"aot::{k}" for k in params)
+    loaded = peftops.load_adapter(llama(), tmp_path / "compiled")
+    assert aot.get_aot(loaded).compiled and aot.get_aot(loaded).tables.dtype == torch.bfloat16
+    torch.testing.assert_close(logits(loaded, ids), served, atol=0, rtol=0)
+    # the tables only when asked, in the serving dtype
+    aot.save_aot_tables(model, tmp_path / "tables")
+    meta = json.load(open(os.path.join(tmp_path / "tables", peftops.model.CONFIG_FILE)))
     assert meta["adapters"][0]["method"] == "aot" and meta["adapters"][0]["compiled"] is True
-    assert meta["tensors"]["aot::tables"] == {"shape": [1, 3, V_LLAMA, 40], "dtype": "bfloat16"}
+    assert meta["tensors"] == {"aot::tables": {"shape": [1, 3, V_LLAMA, 40], "dtype": "bfloat16"}}
     loaded = peftops.load_adapter(llama(), tmp_path / "tables")
     torch.testing.assert_close(logits(loaded, ids), served, atol=0, rtol=0)
     assert_close(served, want, dtype=torch.bfloat16, scale=4.0)
@@ -327,9 +338,12 @@ def test_load_into_mismatched_model_raises(tmp_path):
     with pytest.raises(ValueError, match="vocabulary 101"):
         peftops.load_adapter(llama(vocab=101), tmp_path / "a")
     aot.compile_aot_tables(model)
-    peftops.save_adapter(model, tmp_path / "b")
-    with pytest.raises(ValueError, match="vocabulary 97 does not match the model's 101"):
+    peftops.save_adapter(model, tmp_path / "b")  # the factors, to be materialised on load
+    with pytest.raises(ValueError, match="vocabulary 101"):
         peftops.load_adapter(llama(vocab=101), tmp_path / "b")
+    aot.save_aot_tables(model, tmp_path / "c")
+    with pytest.raises(ValueError, match="vocabulary 97 does not match the model's 101"):
+        peftops.load_adapter(llama(vocab=101), tmp_path / "c")
 
 
 def test_load_task_tables_from_saved_adapters(tmp_path):

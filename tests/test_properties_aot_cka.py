@@ -493,7 +493,10 @@ def test_config_validate(fields, bad):
         assert cfg.to_dict()["n_tasks"] == fields["n_tasks"]
         return
     name, value, exc = bad
-    cfg = AoTConfig(**{**fields, name: value})
+    with pytest.raises(exc, match=rf"^{name}:"):  # where it is written
+        AoTConfig(**{**fields, name: value})
+    cfg = AoTConfig(**fields)
+    setattr(cfg, name, value)  # and at apply, for a field changed after construction
     with pytest.raises(exc, match=rf"^{name}:"):
         cfg.validate()
 
