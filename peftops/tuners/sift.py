@@ -26,6 +26,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
+from ._common import cast_to_base_dtype
 from ..kernels._checks import INDEX_DTYPES, check_index_range, check_tensor
 from ..sift import (SIFTConfig, _acc_dtype, _check_density, _check_new_indices, _default_targets,
                     _scatter_merged_op, random_indices, sift_linear)
@@ -62,7 +63,7 @@ class SIFTLayer(BaseTunerLayer):
         self.sift_indices[adapter_name] = torch.zeros(0, dtype=torch.int64, device=weight.device)
         if config.init_indices == "random":
             self._install(adapter_name, random_indices(weight, density))
-            if not config.init_weights:
+            if not config.init_weights and not self.sift_delta[adapter_name].is_meta:
                 with torch.no_grad():
                     self.sift_delta[adapter_name].normal_(0.0, 0.02)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -71,9 +72,15 @@ class SIFTLayer(BaseTunerLayer):
         """Index set I (sorted here) with δ = 0; δ keeps its Parameter identity (an optimizer built
         before calibration still owns it)."""
         weight = self.get_base_layer().weight
+        delta = self.sift_delta[adapter_name]
+        if delta.is_meta:  # low_cpu_mem_usage: shapes only, the checkpoint's tensors are assigned later
+            # (buffers stay real under PEFT's init_empty_weights: PEFT moves them to the base's device)
+            self.sift_indices[adapter_name] = torch.zeros(indices.numel(), dtype=torch.int64, device=weight.device)
+            self.sift_delta[adapter_name] = nn.Parameter(torch.empty(indices.numel(), dtype=delta.dtype,
+                                                                     device="meta"), requires_grad=delta.requires_grad)
+            return
         idx = torch.sort(indices.detach().to(device=weight.device, dtype=torch.int64)).values
         self.sift_indices[adapter_name] = idx
-        delta = self.sift_delta[adapter_name]
         delta.data = torch.zeros(idx.numel(), dtype=delta.dtype, device=weight.device)
         delta.grad = None
 
@@ -167,8 +174,8 @@ class Linear(nn.Module, SIFTLayer):
     def get_delta_weight(self, adapter: str) -> Tensor:
         """scatter(I, δ) as a dense fp32 [d_out, d_in] tensor (the increment merge rounds into W)."""
         w = self.get_base_layer().weight
-        out = torch.zeros(w.numel(), dtype=self.sift_delta[adapter].dtype, device=w.device)
-        out[self.sift_indices[adapter]] = self.sift_delta[adapter]
+        out = torch.zeros(w.numel(), dtype=_acc_dtype(w.dtype), device=w.device)
+        out[self.sift_indices[adapter]] = self.sift_delta[adapter].to(out.dtype)
         return out.view(w.shape)
 
     @torch.no_grad()
@@ -178,11 +185,12 @@ class Linear(nn.Module, SIFTLayer):
         for a in check_adapters_to_merge(self, adapter_names):
             if a not in self.sift_delta or self.sift_indices[a].numel() == 0:
                 continue
-            idx, delta = self.sift_indices[a], self.sift_delta[a].detach()
+            acc = _acc_dtype(weight.dtype)  # δ may be 16-bit after model.half(): the merge rounds once in acc
+            idx, delta = self.sift_indices[a], self.sift_delta[a].detach().to(acc)
             before = weight.view(-1)[idx].clone()
-            if safe_merge and not bool(torch.isfinite(before.to(delta.dtype) + delta).all()):
+            if safe_merge and not bool(torch.isfinite(before.to(acc) + delta).all()):
                 raise ValueError(f"adapter_names: merging {a!r} gives NaN/Inf weights; the adapter seems broken")
-            _scatter_merged_op(weight.data, idx, before.to(delta.dtype), delta)
+            _scatter_merged_op(weight.data, idx, before.to(acc), delta)
             self._merge_backup.append((idx, before))
             self.merged_adapters.append(a)
 
@@ -226,6 +234,11 @@ class SIFTModel(BaseTuner):
             if adapter_name not in self.active_adapters:
                 new.requires_grad_(False)
             self._replace_module(parent, target_name, new, target)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            cast_to_base_dtype(self.model, SIFTLayer, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

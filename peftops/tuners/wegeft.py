@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from torch import Tensor, nn
 
 from ..kernels import wegeft as K
+from ._common import cast_to_base_dtype
 from ..wegeft import (WeGeFTConfig, _check_hparams, _generator_dtype, _resolve_targets, generator_key,
                       wegeft_linear)
 
@@ -228,6 +229,8 @@ class WeGeFTModel(BaseTuner):
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            cast_to_base_dtype(self.model, WeGeFTLayer, adapter_name)
         tie_shared_generators(self.model, adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
