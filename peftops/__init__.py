@@ -7,6 +7,7 @@ from .model import (
     AdapterConfig,
     adapter_state_dict,
     apply,
+    disable_adapters,
     find_target_modules,
     load_adapter,
     merge,

@@ -812,6 +812,9 @@ class AoTMethod(Method):
         owner.set_tables(tables)
         owner._kept_reparam = {k: p.detach() for k, p in tmp.named_parameters()}
 
+    def disabled(self, model: nn.Module, config: AoTConfig):
+        return aot_disabled(model)
+
     def is_merged(self, model: nn.Module, config: AoTConfig) -> bool:
         return getattr(getattr(model, ATTR, None), "_merge_stash", None) is not None
 

@@ -3,7 +3,7 @@
     cfg = peftops.SIFTConfig(density=0.01)
     model = peftops.apply(model, cfg)          # injects adapter modules, freezes the base
     ...train...
-    peftops.save_adapter(model, "out/")         # adapter_config.json + adapter_model.safetensors
+    peftops.save_adapter(model, "out/")         # peftops_adapter.json + peftops_adapter.safetensors
     model2 = peftops.load_adapter(base, "out/") # validated: method, names, shapes, dtypes
     peftops.merge(model2)                       # fold adapters into the base weights
 
@@ -30,12 +30,16 @@ from ._peft import PeftConfigBase, peft_type_or_name
 __all__ = [
     "AdapterConfig", "Method", "register_method", "get_method", "apply", "save_adapter", "load_adapter",
     "merge", "unmerge", "adapter_state_dict", "trainable_summary", "find_target_modules",
-    "replace_module", "applied_configs", "check_state_matches", "load_checked_state",
+    "replace_module", "applied_configs", "check_state_matches", "load_checked_state", "disable_adapters",
 ]
 
 FORMAT_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+# Not PEFT's names: a native folder can't be mistaken for a PEFT one (peft.PeftModel.from_pretrained
+# reads adapter_config.json / adapter_model.safetensors). Folders of earlier peftops versions used
+# PEFT's names with peftops' schema; they still load.
+CONFIG_FILE = "peftops_adapter.json"
+WEIGHTS_FILE = "peftops_adapter.safetensors"
+LEGACY_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclasses.dataclass
@@ -268,6 +272,25 @@ class Method:
     def is_merged(self, model: nn.Module, config: AdapterConfig) -> bool:
         """Whether the adapter is folded into the base (then loading new tensors must wait for unmerge)."""
         return False
+
+    @contextlib.contextmanager
+    def disabled(self, model: nn.Module, config: AdapterConfig) -> Iterator[None]:
+        """Inside the block the model computes as if this method were not applied."""
+        raise NotImplementedError
+        yield
+
+
+@contextlib.contextmanager
+def unmerged_for_block(method: "Method", model: nn.Module, config: AdapterConfig) -> Iterator[None]:
+    """A merged adapter is unmerged for the block (bit-exact for every method) and merged back after."""
+    merged = method.is_merged(model, config)
+    if merged:
+        method.unmerge(model, config)
+    try:
+        yield
+    finally:
+        if merged:
+            method.merge(model, config)
 
 
 _METHODS: dict[str, Method] = {}
@@ -594,6 +617,22 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """``with peftops.disable_adapters(model):`` the base model (every applied method off; merged
+    adapters are unmerged for the block), like PEFT's ``disable_adapter()``. After the block the
+    model computes as before, bit for bit. Task heads (``modules_to_save``) stay as trained."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    cfgs = applied_configs(model)
+    if not cfgs:
+        raise ValueError("model: no peftops adapter is applied (call peftops.apply first)")
+    with contextlib.ExitStack() as stack:
+        for cfg in reversed(cfgs):
+            stack.enter_context(get_method(cfg.method).disabled(model, cfg))
+        yield model
+
+
 # ----------------------------------------------------------------------------------------------
 # save / load
 # ----------------------------------------------------------------------------------------------
@@ -622,8 +661,8 @@ def _check_directory(directory) -> str:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Write ``adapter_config.json`` (method, version, configs, tensor shapes/dtypes) and
-    ``adapter_model.safetensors`` into ``directory`` (created if needed; other files in it are
+    """Write ``peftops_adapter.json`` (method, version, configs, tensor shapes/dtypes) and
+    ``peftops_adapter.safetensors`` into ``directory`` (created if needed; other files in it are
     left alone). An adapter already there is replaced only with ``overwrite=True``. Both files
     are written under temporary names and renamed into place: a failed save leaves no
     half-written adapter."""
@@ -697,6 +736,15 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.T
         raise FileNotFoundError(f"directory: {path} is not a directory")
     cfg_path = os.path.join(path, CONFIG_FILE)
     w_path = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(cfg_path) and os.path.isfile(os.path.join(path, LEGACY_FILES[0])):
+        cfg_path, w_path = (os.path.join(path, f) for f in LEGACY_FILES)  # PEFT's folder, or an old peftops one
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                legacy = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            legacy = None
+        if isinstance(legacy, dict) and "peft_type" in legacy and "adapters" not in legacy:
+            raise ValueError(f"directory: {cfg_path}: {_peft_folder_hint(legacy.get('peft_type'))}")
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"directory: no {os.path.basename(p)} in {path}")
@@ -709,8 +757,6 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.T
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"not valid JSON ({e})") from None
-    if isinstance(meta, dict) and "peft_type" in meta and "adapters" not in meta:
-        raise bad(_peft_folder_hint(meta.get("peft_type")))
     if not isinstance(meta, dict) or "adapters" not in meta or "tensors" not in meta:
         raise bad("not a peftops adapter config (missing 'adapters' or 'tensors')")
     version = meta.get("format_version")

@@ -19,6 +19,7 @@ calibration (``sift_calibrate``, ``SIFTCalibrationCallback``); the model-level `
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -343,6 +344,7 @@ class SIFTLinear(nn.Module):
 
     peftops_adapter = True  # SAFE's cross-method protocol: X = forward input, Y = output
     sift_calibration_target = True
+    _disabled = False  # peftops.disable_adapters: W holds W0 and the layer is the plain linear
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.delta]
@@ -556,6 +558,8 @@ class SIFTLinear(nn.Module):
             raise ValueError(f"x: expected last dim {self.in_features}, got shape {list(x.shape)}")
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x: expected dtype {self.weight.dtype} (the weight's), got {x.dtype}")
+        if self._disabled:
+            return F.linear(x, self.weight, self.bias)
         if not self.selected:
             if self._calibrating or not (torch.is_grad_enabled() and self.delta.requires_grad):
                 return F.linear(x, self.weight, self.bias)
@@ -1053,6 +1057,22 @@ class SIFTMethod(_model.Method):
             with torch.no_grad():
                 layer.delta.copy_(delta.to(device=layer.delta.device, dtype=layer.delta.dtype))
             layer.resync_()
+
+    @contextlib.contextmanager
+    def disabled(self, model: nn.Module, config: SIFTConfig):
+        with _model.unmerged_for_block(self, model, config):
+            yield from self._disabled_layers(model)
+
+    def _disabled_layers(self, model: nn.Module):
+        layers = [m for _, m in sift_layers(model)]
+        for m in layers:
+            m.restore_base_()  # W0 back into W (k entries); the next forward after the block merges δ again
+            m._disabled = True
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.__dict__.pop("_disabled", None)
 
     def is_merged(self, model: nn.Module, config: SIFTConfig) -> bool:
         return any(isinstance(m, nn.Linear) and _MERGED_KEY in m.__dict__ for m in model.modules())

@@ -14,6 +14,7 @@ Output layout: y (and dx) are contiguous on every path, like nn.Linear's.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from .kernels import wegeft as K
 from .kernels._checks import FLOAT_DTYPES, check_tensor
-from .model import (Method, PeftMethodConfig, _help, load_checked_state, register_method, replace_module,
+from .model import (Method, PeftMethodConfig, _help, load_checked_state, register_method, replace_module, unmerged_for_block,
                     select_targets, transaction)
 
 __all__ = ["wegeft_linear", "WeGeFTLinear", "WeGeFTConfig", "WeGeFTMethod", "LLAMA_TARGETS", "BERT_TARGETS"]
@@ -204,6 +205,7 @@ class WeGeFTLinear(nn.Module):
     """
 
     peftops_adapter = True
+    _disabled = False  # peftops.disable_adapters: the base layer inside the block
 
     def __init__(self, base: nn.Linear, r: int = 64, alpha: float = 128.0, *, phi: Optional[nn.Parameter] = None,
                  psi: Optional[nn.Parameter] = None, dropout: float = 0.0, upcast_generators: bool = True,
@@ -303,7 +305,7 @@ class WeGeFTLinear(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
-        if self.merged:  # wegeft_linear's checks on x, so both states fail alike
+        if self.merged or self._disabled:  # wegeft_linear's checks on x, so every state fails alike
             check_tensor("x", x, dtypes=FLOAT_DTYPES, device=weight.device)
             if x.dim() < 1 or x.shape[-1] != self.in_features:
                 raise ValueError(f"x: last dim of shape {list(x.shape)} does not match weight in_features "
@@ -508,6 +510,21 @@ class WeGeFTMethod(Method):
     def load_adapter_state_dict(self, model: nn.Module, config: WeGeFTConfig, state: dict[str, Tensor]) -> None:
         load_checked_state(self.adapter_state_dict(model, config), state, "WeGeFT generator",
                            "generators are [r, d_in] per target")
+
+    @contextlib.contextmanager
+    def disabled(self, model: nn.Module, config: WeGeFTConfig):
+        with unmerged_for_block(self, model, config):
+            yield from self._disabled_layers(model)
+
+    def _disabled_layers(self, model: nn.Module):
+        layers = [m for _, m in _adapted(model)]
+        for m in layers:
+            m._disabled = True
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.__dict__.pop("_disabled", None)
 
     def is_merged(self, model: nn.Module, config: WeGeFTConfig) -> bool:
         return any(mod.merged for _, mod in _adapted(model))

@@ -267,7 +267,7 @@ def test_save_load_and_errors(row, kind, tmp_path):
     want = _logits(model, batch)
     out = str(tmp_path / "adapter")
     peftops.save_adapter(model, out)
-    meta = json.load(open(os.path.join(out, "adapter_config.json")))
+    meta = json.load(open(os.path.join(out, "peftops_adapter.json")))
     assert [a["method"] for a in meta["adapters"]] == [c.method for c in _configs(row, kind)]
     assert meta["peftops_version"] == peftops.__version__ and meta["format_version"] == 1
     state = peftops.adapter_state_dict(model)
@@ -279,14 +279,14 @@ def test_save_load_and_errors(row, kind, tmp_path):
     assert peftops.trainable_summary(loaded)["trainable"] == peftops.trainable_summary(model)["trainable"]
 
     bad = _copy_dir(out, str(tmp_path / "truncated"))
-    path = os.path.join(bad, "adapter_model.safetensors")
+    path = os.path.join(bad, "peftops_adapter.safetensors")
     raw = open(path, "rb").read()
     open(path, "wb").write(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="corrupted"):
         peftops.load_adapter(_base(kind), bad)
 
     bad = _copy_dir(out, str(tmp_path / "declared"))
-    path = os.path.join(bad, "adapter_config.json")
+    path = os.path.join(bad, "peftops_adapter.json")
     m = json.load(open(path))
     key = sorted(m["tensors"])[0]
     m["tensors"][key]["dtype"] = "float16"

@@ -79,8 +79,8 @@ def _check_against_single_process(example, method, dist_out, tmp_path):
     ref = _single_process(example, method, tmp_path / "single")
     ranks = [json.loads((dist_out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert [r["world_size"] for r in ranks] == [WORLD, WORLD], "the launcher did not start a 2-process group"
-    got = load_file(dist_out / "adapter_model.safetensors")
-    want = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    got = load_file(dist_out / "peftops_adapter.safetensors")
+    want = load_file(tmp_path / "single" / "peftops_adapter.safetensors")
     assert got.keys() == want.keys()
     for key, w in want.items():
         if w.is_floating_point():

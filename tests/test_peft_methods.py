@@ -385,3 +385,19 @@ def test_native_load_of_a_peft_folder_is_explained(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"NOT_A_METHOD"):
         peftops.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_native_files_have_their_own_names_and_old_folders_load(tmp_path):
+    from peftops import model as pm
+
+    model = peftops.apply(tiny_llama(), peftops.WeGeFTConfig(r=4, init_weights=False))
+    peftops.save_adapter(model, tmp_path / "new")
+    assert sorted(os.listdir(tmp_path / "new")) == sorted([pm.CONFIG_FILE, pm.WEIGHTS_FILE])
+    assert not set(os.listdir(tmp_path / "new")) & set(pm.LEGACY_FILES)
+    old = tmp_path / "old"  # a folder written by peftops before the rename: PEFT's names, peftops' schema
+    old.mkdir()
+    for new_name, old_name in zip((pm.CONFIG_FILE, pm.WEIGHTS_FILE), pm.LEGACY_FILES):
+        (old / old_name).write_bytes((tmp_path / "new" / new_name).read_bytes())
+    b = batch(1)
+    with torch.no_grad():
+        assert torch.equal(peftops.load_adapter(tiny_llama(), old)(**b).logits, model(**b).logits)

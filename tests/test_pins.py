@@ -79,7 +79,7 @@ def _poisoned_adapter(tmp_path, dtype, bad, which):
 
     out = str(tmp_path / "adapter")
     peftops.save_adapter(_adapted(dtype), out)
-    path = os.path.join(out, "adapter_model.safetensors")
+    path = os.path.join(out, "peftops_adapter.safetensors")
     state = load_file(path)
     key = sorted(state)[which]
     assert state[key].dtype == dtype and state[key].is_floating_point()

@@ -42,7 +42,7 @@ def test_using_it_snippets_run_as_written(tmp_path, monkeypatch):
                 exec(compile(block, f"README.md (Using it, block {i + 1})", "exec"), namespace)
             except Exception as e:  # noqa: BLE001 - say which block broke
                 raise AssertionError(f"README block {i + 1} failed: {type(e).__name__}: {e}\n{block}") from e
-    assert os.path.isfile(tmp_path / "out" / "sift" / "adapter_model.safetensors")
+    assert os.path.isfile(tmp_path / "out" / "sift" / "peftops_adapter.safetensors")
     assert namespace["out"].logits.shape == (8, 2)
 
 

@@ -219,9 +219,9 @@ def test_save_load_merge_unmerge(kind, tmp_path):
     with torch.no_grad():
         expected = model(**batches[2]).logits
     peftops.save_adapter(model, tmp_path)
-    meta = json.load(open(os.path.join(tmp_path, "adapter_config.json")))
+    meta = json.load(open(os.path.join(tmp_path, "peftops_adapter.json")))
     assert meta["adapters"][0]["method"] == "sift" and meta["adapters"][0]["density"] == DENSITY
-    state = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    state = load_file(os.path.join(tmp_path, "peftops_adapter.safetensors"))
     layers = dict(sift_layers(model))
     heads = {f"modules::classifier.{f}" for f in ("weight", "bias")} if kind == "bert" else set()  # the new head
     assert set(state) == {f"sift::{n}.{f}" for n in layers for f in ("indices", "delta", "weight_shape")} | heads
@@ -243,7 +243,7 @@ def test_save_load_merge_unmerge(kind, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**batches[2]).logits, expected)
     peftops.save_adapter(model, tmp_path / "merged")  # a merged model still knows its adapter
-    assert load_file(os.path.join(tmp_path, "merged", "adapter_model.safetensors")).keys() == state.keys()
+    assert load_file(os.path.join(tmp_path, "merged", "peftops_adapter.safetensors")).keys() == state.keys()
 
     peftops.unmerge(model)
     for n, layer in sift_layers(model):
@@ -275,9 +275,9 @@ def test_bfloat16_model_unmerge_bit_exact_and_small_updates_survive():
 
 
 def _rewrite(directory, fn):
-    """Apply fn(state) -> state to a saved adapter and keep adapter_config.json consistent with it."""
-    wpath = os.path.join(directory, "adapter_model.safetensors")
-    cpath = os.path.join(directory, "adapter_config.json")
+    """Apply fn(state) -> state to a saved adapter and keep peftops_adapter.json consistent with it."""
+    wpath = os.path.join(directory, "peftops_adapter.safetensors")
+    cpath = os.path.join(directory, "peftops_adapter.json")
     state = fn(dict(load_file(wpath)))
     save_file(state, wpath)
     meta = json.load(open(cpath))
@@ -336,8 +336,8 @@ def test_bad_adapter_files(tmp_path):
     corrupt.mkdir()
     for f in os.listdir(tmp_path / "good"):
         (corrupt / f).write_bytes((tmp_path / "good" / f).read_bytes())
-    raw = (corrupt / "adapter_model.safetensors").read_bytes()
-    (corrupt / "adapter_model.safetensors").write_bytes(raw[: len(raw) // 2])
+    raw = (corrupt / "peftops_adapter.safetensors").read_bytes()
+    (corrupt / "peftops_adapter.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="corrupted"):
         peftops.load_adapter(copy.deepcopy(base), corrupt)
 
