@@ -1,9 +1,9 @@
 """AoT P-Tuning benchmarks: the fused gather-add, the table backward, and serving overhead.
 
-GPU targets (DESIGN §5, issue): gather-add 16384 tokens x 4096 bf16, V = 32000: >= 85% of the HBM
-roofline, not slower than torch.compile(h + P[ids]), >= 1.5x eager; table backward (Zipf ids)
->= 2x the eager dense zero-filled grad + index_add_; a SmolLM2-135M-shaped Llama with compiled
-tables within 3% of the plain model's forward (single and mixed-task batches).
+GPU targets (docs/design.md#performance-yardsticks, issue): gather-add 16384 tokens x 4096 bf16,
+V = 32000: >= 85% of the HBM roofline, not slower than torch.compile(h + P[ids]), >= 1.5x eager; table
+backward (Zipf ids) >= 2x the eager dense zero-filled grad + index_add_; a SmolLM2-135M-shaped Llama
+with compiled tables within 3% of the plain model's forward (single and mixed-task batches).
 """
 from __future__ import annotations
 

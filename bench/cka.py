@@ -1,4 +1,4 @@
-"""Benchmarks of the CKA kernel and of SAFE's freezing (DESIGN §4).
+"""Benchmarks of the CKA kernel and of SAFE's freezing (docs/design.md#safe).
 
 Cases:
   cka.linear            linear CKA of x [T, 4096], y [T, 4096] bf16 with a padding mask, swept over T

@@ -46,10 +46,11 @@ plus whatever an earlier phase leaves. Compiling dominates, not timing, so it de
     tiles. Taking the static check's cost per compile (148 variants x 2 in ~3.5 min on 2 cores: ~1.4 s) and
     300-1000 compiles: 7-23 min single-core, 2-6 min on 4 pytest processes. So expect the last entries of
     TEST_SELECTION to be cut (recorded, with the test running at the cut) on the first run.
-  - static: the compile check enumerates 815 variants (kernels/_variants.py): ~500 core-seconds of compiling
-    with triton 3.6 (the GPU image's), ~880 with 3.9, measured on this project's 2-core CPU; on the ~12 cores
-    the tests leave: ~1 min. If it is cut, that is recorded and the partial report kept. Run it on its own
-    (``--phases static --budget-s 400``) or on any CPU machine; it needs no GPU.
+  - static: the compile check enumerates 815 variants (kernels/_variants.py); the committed reports took 225 s
+    (triton 3.6, the GPU image's) and 881 s (3.9) of wall time on this project's 2-core CPU (``summary.wall_s``
+    in bench/results/static-sm90a-triton*.json, ``python -m bench --static --rebuild``); on the ~12 cores the
+    tests leave, an estimated ~1 min with 3.6. If it is cut, that is recorded and the partial report kept.
+    Run it on its own (``--phases static --budget-s 400``) or on any CPU machine; it needs no GPU.
   - bench: 74 cases at full size. 47 also time torch.compile(reference): ~3-8 s of inductor each (~150-350 s);
     Triton compiles + autotuning of the bf16 variants ~60 s; timing ~0.3 s x 3 paths x 74 ~70 s (per path
     a warm-up, then interleaved rounds: >= 10, until stable, at most --case-budget-s (default 2 s) per case;

@@ -1,5 +1,6 @@
-"""SIFT kernel benchmarks (DESIGN §1, §5): top-k selection, the sparse weight gradient (SDDMM),
-the merged-weight write and the fused sparse AdamW step, each against what a user writes today.
+"""SIFT kernel benchmarks (docs/design.md#sift, #performance-yardsticks): top-k selection, the sparse
+weight gradient (SDDMM), the merged-weight write and the fused sparse AdamW step, each against what a
+user writes today.
 
 GPU targets (H100): top-k of |grad| 4096x4096 fp32 at 1% >= 3x torch.topk(grad.abs().flatten(), k);
 SDDMM T = 4096 and 16384, 4096x4096 bf16 at 1% >= 1.5x (dY^T X).flatten()[idx].
@@ -18,7 +19,7 @@ D = 4096
 
 
 def _k(numel: int, density: float) -> int:
-    return min(int(density * numel) + 1, numel)  # DESIGN §1 (the authors' formula)
+    return min(int(density * numel) + 1, numel)  # docs/design.md#sift-selection (the authors' formula)
 
 
 def _flat_idx(numel: int, k: int, device, seed: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""WeGeFT benchmark cases (DESIGN §3, §5; GPU targets of the WeGeFT issue).
+"""WeGeFT benchmark cases (docs/design.md#wegeft-cost, #performance-yardsticks; GPU targets of the
+WeGeFT issue).
 
 Targets and the cases that hold their figures (T = 16384, d = 4096, r = 64, bf16, no bias):
 - fwd+bwd within 1.10x of the frozen dense layer's fwd+bwd (dX only):
@@ -8,8 +9,8 @@ Targets and the cases that hold their figures (T = 16384, d = 4096, r = 64, bf16
   (reference = peft.tuners.lora.Linear with bf16 adapters, measure_memory=True).
 - merge of 4096x4096 within 1.3x of its GEMMs: ``wegeft.merge_vs_gemms`` (reference = cuBLAS
   mm(W, Φᵀ) + addmm(W, ·, Ψ), the minimal GEMM sequence; "speedup" >= 0.77 meets it).
-Extra: forward only vs the dense GEMM (DESIGN §5 table), a token sweep, and fused vs merged path at
-several T (to check ``kernels.wegeft.choose_path``).
+Extra: forward only vs the dense GEMM (docs/design.md#performance-yardsticks), a token sweep, and fused
+vs merged path at several T (to check ``kernels.wegeft.choose_path``).
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def cases(device, quick):
              note="reference: peft LoRA r=64 alpha=128 (bf16 adapters); targets speedup >= 1, peak <= reference"),
         Case("wegeft.layer_fwd", shape, _layer_inputs(device, t_main, d, d, r, dtype), _eager_fwd, _wegeft_fwd,
              bytes=e * (2 * t_main * d + d * d), flops=2 * t_main * d * d,
-             note="forward only, reference: eager formula (DESIGN §5: eager +27-32% over the GEMM)"),
+             note="forward only, reference: eager formula (docs/design.md#performance-yardsticks: est. +27-32%)"),
         Case("wegeft.dense_fwd_baseline", shape, _layer_inputs(device, t_main, d, d, r, dtype), _dense_fwd,
              _wegeft_fwd, bytes=e * (2 * t_main * d + d * d), flops=2 * t_main * d * d, compile_reference=False,
              note="forward only, reference: the dense GEMM"),

@@ -50,13 +50,8 @@ from .safe import SAFE, AdapterUnit, SAFEConfig, SavedTensorMeter, find_adapter_
 
 from . import tuners  # noqa: E402,F401  (registers WeGeFT and SIFT with Hugging Face PEFT)
 
-_LAZY = {"SIFTCalibrationCallback": "sift", "SAFECallback": "safe"}
-
-
-def __getattr__(name):
-    # the Trainer callbacks are built on first access: importing transformers' Trainer costs seconds
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'peftops' has no attribute {name!r}")
+# the Trainer callbacks are built on first access: importing transformers' Trainer costs seconds
+__getattr__ = model.lazy_attributes(__name__, {
+    "SIFTCalibrationCallback": lambda: sift.SIFTCalibrationCallback,
+    "SAFECallback": lambda: safe.SAFECallback,
+})

@@ -1,4 +1,4 @@
-"""AoT P-Tuning: an input-dependent bias added ahead of every transformer layer (DESIGN §2).
+"""AoT P-Tuning: an input-dependent bias added ahead of every transformer layer (docs/design.md#aot-p-tuning).
 
 For task τ and layer l a table P^τ_l ∈ R^{V×d}; before layer l, ``h_l[b, s] += P^{τ_b}_l[x_{b,s}]``
 (h_0 = the embedding output, every position, padding included; nothing after the last layer).

@@ -239,6 +239,16 @@ def output_heads(model: nn.Module) -> set[str]:
     return heads
 
 
+def refuse_adapted_targets(model: nn.Module, config: "PeftMethodConfig", method: str) -> None:
+    """Two weight adapters on one linear do not compose: refuse targets another method adapted."""
+    taken = [(n, type(m).__name__) for n, m in model.named_modules()
+             if n and getattr(type(m), "peftops_adapter", False) and config.matches(n)]
+    if taken:
+        raise ValueError(f"target_modules: {[n for n, _ in taken[:3]]} already adapted by another peftops method "
+                         f"({taken[0][1]}); two weight adapters on one linear do not compose: give {method} "
+                         "target_modules disjoint from the other method's")
+
+
 def select_targets(model: nn.Module, config: "PeftMethodConfig", types: tuple[type, ...] = (nn.Linear,)
                    ) -> list[tuple[str, nn.Module]]:
     """(name, module) of every module of ``types`` that ``config`` targets, in model order."""
@@ -281,6 +291,21 @@ class Method:
 
 
 @contextlib.contextmanager
+def disabled_layers(layers: Iterable[nn.Module], prepare=None) -> Iterator[None]:
+    """Set each layer's ``_disabled`` flag for the block (after ``prepare(layer)``), clear it after."""
+    layers = list(layers)
+    for m in layers:
+        if prepare is not None:
+            prepare(m)
+        m._disabled = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("_disabled", None)
+
+
+@contextlib.contextmanager
 def unmerged_for_block(method: "Method", model: nn.Module, config: AdapterConfig) -> Iterator[None]:
     """A merged adapter is unmerged for the block (bit-exact for every method) and merged back after."""
     merged = method.is_merged(model, config)
@@ -308,6 +333,22 @@ def get_method(name: str) -> Method:
         return _METHODS[name]
     except KeyError:
         raise ValueError(f"method: unknown peftops method {name!r}; known: {sorted(_METHODS)}") from None
+
+
+def lazy_attributes(module_name: str, factories: dict[str, Any]):
+    """A module-level ``__getattr__`` that builds each named attribute on first access and keeps it
+    in the module (for the Trainer callbacks: importing transformers' Trainer costs seconds)."""
+    import sys
+
+    def __getattr__(name: str):
+        factory = factories.get(name)
+        if factory is None:
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+        value = factory()
+        setattr(sys.modules[module_name], name, value)
+        return value
+
+    return __getattr__
 
 
 def applied_configs(model: nn.Module) -> list[AdapterConfig]:

@@ -1,4 +1,4 @@
-"""SIFT: sparse increment fine-tuning (DESIGN §1), above the kernels of ``peftops.kernels.sift``.
+"""SIFT: sparse increment fine-tuning (docs/design.md#sift), above the kernels of ``peftops.kernels.sift``.
 
 Per targeted weight W [d_out, d_in] a fixed set I of k flat indices (ascending) and a trainable
 vector δ ∈ R^k give the effective weight W_eff = W0 + scatter(I, δ). The base weight stays in its
@@ -329,6 +329,21 @@ def _check_new_indices(indices, weight: torch.Tensor) -> None:
     _check_flat_indices(indices, numel)
 
 
+def check_loaded_indices(label: str, idx, weight: torch.Tensor) -> None:
+    """A checkpoint's index set, before anything is loaded: what set_indices keeps (1-D int, at most
+    numel entries, in range, strictly ascending), or none (an unselected layer)."""
+    check_tensor(label, idx, ndim=1, dtypes=INDEX_DTYPES)
+    numel = weight.numel()
+    if idx.numel() > numel:
+        raise ValueError(f"{label}: expected at most {numel} entries for a {list(weight.shape)} weight, got "
+                         f"{idx.numel()}")
+    if idx.is_meta:  # no values to check
+        return
+    check_index_range(label, idx, numel, what="entries")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError(f"{label}: expected strictly ascending flat indices (sorted, unique)")
+
+
 class SIFTLinear(nn.Module):
     """nn.Linear with a sparse trainable increment: y = x (W0 + scatter(I, δ))ᵀ + b.
 
@@ -429,18 +444,7 @@ class SIFTLinear(nn.Module):
         self._synced_version = self.delta._version  # W[I] == round(W0[I] + 0) == W0[I]
 
     def _check_loaded_indices(self, idx, key: str) -> None:
-        """A checkpoint's index set, before anything is loaded: what set_indices keeps (1-D int,
-        at most numel entries, in range, strictly ascending), or none (an unselected layer)."""
-        check_tensor(f"state_dict: {key}", idx, ndim=1, dtypes=INDEX_DTYPES)
-        numel = self.weight.numel()
-        if idx.numel() > numel:
-            raise ValueError(f"state_dict: {key}: expected at most {numel} entries for a {list(self.weight.shape)} "
-                             f"weight, got {idx.numel()}")
-        if idx.is_meta:  # no values to check
-            return
-        check_index_range(f"state_dict: {key}", idx, numel, what="entries")
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise ValueError(f"state_dict: {key}: expected strictly ascending flat indices (sorted, unique)")
+        check_loaded_indices(f"state_dict: {key}", idx, self.weight)
 
     def _resize_selection(self, k: int) -> None:
         """Give indices / w0_sel / rows / cols / δ room for k entries (δ keeps its Parameter identity,
@@ -767,19 +771,39 @@ def _configured(model: nn.Module, field: str, default):
     return default
 
 
-@_model.atomic
-def sift_calibrate(model: nn.Module, batches: Iterable, *, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-                   calib_batches: int | None = None, density: float | None = None,
-                   progress: bool = True) -> dict[str, torch.Tensor]:
-    """Select each SIFTLinear's index set from |∇W L| summed over ``calib_batches`` batches.
+class _GradientScores:
+    """Post-accumulate hooks that turn each target weight's gradient into its selection: at once for
+    one batch, else |grad| summed in fp32; the dense gradient is freed as soon as it is read."""
 
-    ``batches``: any iterable (a DataLoader); each batch goes through ``loss_fn(model, batch)`` or, by
-    default, ``model(**batch).loss`` (dict batches, HF style), ``model(*batch)`` (tuples), ``model(batch)``.
-    ``calib_batches`` defaults to the applied SIFTConfig's (else 1); ``density`` to each layer's.
-    Only the target weights get gradients, and each is freed in a post-accumulate hook as soon as it
-    is ready (selected at once for one batch, |grad| accumulated in fp32 for several), so at most
-    one dense weight gradient lives at a time (plus the fp32 scores when calib_batches > 1).
-    Every requires_grad flag is restored. Returns {layer name: indices}."""
+    def __init__(self, n_batches: int, density: dict[str, float]):
+        self.n_batches, self.density = n_batches, density
+        self.selected: dict[str, torch.Tensor] = {}
+        self.scores: dict[str, torch.Tensor] = {}
+        self.seen: set[str] = set()
+
+    def hook(self, name: str):
+        def on_grad(w: torch.Tensor) -> None:
+            grad, w.grad = w.grad, None
+            self.seen.add(name)
+            if self.n_batches == 1:
+                self.selected[name] = sift_select(grad, self.density[name])
+                return
+            if name not in self.scores:
+                self.scores[name] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            _k.abs_accumulate_(self.scores[name], grad)
+        return on_grad
+
+    def indices(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.selected:
+            score = self.scores.pop(name, None)
+            if score is None:  # no gradient reached the layer: zero scores (the first k entries)
+                score = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            self.selected[name] = sift_select(score, self.density[name])
+        return self.selected[name]
+
+
+def _calibration_plan(model: nn.Module, calib_batches, density) -> tuple[list, int, dict[str, float]]:
+    """(layers, number of batches, density per layer), every argument checked."""
     layers = calibration_targets(model)
     if not layers:
         raise ValueError("model: no SIFTLinear module (apply a peftops.SIFTConfig first)")
@@ -794,43 +818,20 @@ def sift_calibrate(model: nn.Module, batches: Iterable, *, loss_fn: Callable[[nn
         if d is None:
             raise ValueError(f"density: layer {name!r} has no density; pass density= to sift_calibrate")
         dens[name] = d
+    return layers, n_batches, dens
+
+
+def _backward_batches(model: nn.Module, batches: Iterable, n_batches: int, loss_fn, progress: bool) -> None:
     device = next(model.parameters()).device
-
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_grads = {name: layer.weight.grad for name, layer in layers}
-    selected: dict[str, torch.Tensor] = {}
-    scores: dict[str, torch.Tensor] = {}
-    seen: set[str] = set()
-    handles = []
     bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
 
-    def make_hook(name: str):
-        def hook(w: torch.Tensor) -> None:
-            grad, w.grad = w.grad, None
-            seen.add(name)
-            if n_batches == 1:
-                selected[name] = sift_select(grad, dens[name])
-            else:
-                if name not in scores:
-                    scores[name] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-                _k.abs_accumulate_(scores[name], grad)
-        return hook
-
+            bar = tqdm(total=n_batches, desc="SIFT calibration", leave=False)
+        except ImportError:  # pragma: no cover
+            bar = None
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for name, layer in layers:
-            layer.weight.grad = None
-            layer.weight.requires_grad_(True)
-            layer._calibrating = True
-            handles.append(layer.weight.register_post_accumulate_grad_hook(make_hook(name)))
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=n_batches, desc="SIFT calibration", leave=False)
-            except ImportError:  # pragma: no cover
-                bar = None
         it = iter(batches)
         for i in range(n_batches):
             try:
@@ -847,6 +848,36 @@ def sift_calibrate(model: nn.Module, batches: Iterable, *, loss_fn: Callable[[nn
     finally:
         if bar is not None:
             bar.close()
+
+
+@_model.atomic
+def sift_calibrate(model: nn.Module, batches: Iterable, *, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+                   calib_batches: int | None = None, density: float | None = None,
+                   progress: bool = True) -> dict[str, torch.Tensor]:
+    """Select each SIFTLinear's index set from |∇W L| summed over ``calib_batches`` batches.
+
+    ``batches``: any iterable (a DataLoader); each batch goes through ``loss_fn(model, batch)`` or, by
+    default, ``model(**batch).loss`` (dict batches, HF style), ``model(*batch)`` (tuples), ``model(batch)``.
+    ``calib_batches`` defaults to the applied SIFTConfig's (else 1); ``density`` to each layer's.
+    Only the target weights get gradients, and each is freed in a post-accumulate hook as soon as it
+    is ready (selected at once for one batch, |grad| accumulated in fp32 for several), so at most
+    one dense weight gradient lives at a time (plus the fp32 scores when calib_batches > 1).
+    Every requires_grad flag is restored. Returns {layer name: indices}."""
+    layers, n_batches, dens = _calibration_plan(model, calib_batches, density)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_grads = {name: layer.weight.grad for name, layer in layers}
+    scores = _GradientScores(n_batches, dens)
+    handles = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for name, layer in layers:
+            layer.weight.grad = None
+            layer.weight.requires_grad_(True)
+            layer._calibrating = True
+            handles.append(layer.weight.register_post_accumulate_grad_hook(scores.hook(name)))
+        _backward_batches(model, batches, n_batches, loss_fn, progress)
+    finally:
         for h in handles:
             h.remove()
         for name, layer in layers:
@@ -854,18 +885,13 @@ def sift_calibrate(model: nn.Module, batches: Iterable, *, loss_fn: Callable[[nn
             layer.weight.grad = saved_grads[name]
         for p, flag in flags:
             p.requires_grad_(flag)
-
-    missing = [name for name, _ in layers if name not in seen]
+    missing = [name for name, _ in layers if name not in scores.seen]
     if missing:
         warnings.warn(f"sift_calibrate: no gradient reached {missing[:5]}{'...' if len(missing) > 5 else ''}; "
                       "their index sets are chosen from zero scores (the first k entries)", stacklevel=2)
+    selected = {}
     for name, layer in layers:
-        if name not in selected:
-            score = scores.get(name)
-            if score is None:
-                score = torch.zeros(layer.weight.shape, dtype=torch.float32, device=layer.weight.device)
-            selected[name] = sift_select(score, dens[name])
-            scores.pop(name, None)
+        selected[name] = scores.indices(name, layer.weight)
         layer.set_indices(selected[name])
     return selected
 
@@ -904,13 +930,8 @@ def _make_callback_class():
     return SIFTCalibrationCallback
 
 
-def __getattr__(name: str):
-    # transformers' trainer stack takes seconds to import: build the callback class on first use.
-    if name == "SIFTCalibrationCallback":
-        cls = _make_callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# transformers' trainer stack takes seconds to import: the callback class is built on first use
+__getattr__ = _model.lazy_attributes(__name__, {"SIFTCalibrationCallback": _make_callback_class})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -974,12 +995,7 @@ class SIFTMethod(_model.Method):
     def apply(self, model: nn.Module, config: SIFTConfig) -> None:
         if config.target_modules is None:
             config.target_modules = list(_default_targets(model))
-        taken = [(n, type(m).__name__) for n, m in model.named_modules()
-                 if n and getattr(type(m), "peftops_adapter", False) and config.matches(n)]
-        if taken:
-            raise ValueError(f"target_modules: {[n for n, _ in taken[:3]]} already adapted by another peftops method "
-                             f"({taken[0][1]}); two weight adapters on one linear do not compose: give SIFT "
-                             "target_modules disjoint from the other method's")
+        _model.refuse_adapted_targets(model, config, "SIFT")
         found = _model.select_targets(model, config)
         if not found:
             raise ValueError(f"target_modules: no nn.Linear in {type(model).__name__} matches {config.target_modules}")
@@ -1060,19 +1076,10 @@ class SIFTMethod(_model.Method):
 
     @contextlib.contextmanager
     def disabled(self, model: nn.Module, config: SIFTConfig):
-        with _model.unmerged_for_block(self, model, config):
-            yield from self._disabled_layers(model)
-
-    def _disabled_layers(self, model: nn.Module):
-        layers = [m for _, m in sift_layers(model)]
-        for m in layers:
-            m.restore_base_()  # W0 back into W (k entries); the next forward after the block merges δ again
-            m._disabled = True
-        try:
+        # W0 back into W (k entries each); the next forward after the block merges δ again
+        with _model.unmerged_for_block(self, model, config), \
+                _model.disabled_layers((m for _, m in sift_layers(model)), prepare=SIFTLinear.restore_base_):
             yield
-        finally:
-            for m in layers:
-                m.__dict__.pop("_disabled", None)
 
     def is_merged(self, model: nn.Module, config: SIFTConfig) -> bool:
         return any(isinstance(m, nn.Linear) and _MERGED_KEY in m.__dict__ for m in model.modules())

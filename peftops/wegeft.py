@@ -1,4 +1,4 @@
-"""WeGeFT: weight-generative fine-tuning (DESIGN §3) as a torch op, a drop-in module and a method.
+"""WeGeFT: weight-generative fine-tuning (docs/design.md#wegeft) as a torch op, a drop-in module and a method.
 
     y = x Wᵀ + b + s · (x Ψᵀ)(Φ Wᵀ),   W' = W + s (W Φᵀ) Ψ,   s = α / r,   Φ, Ψ ∈ R^{r×d_in}
 
@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from .kernels import wegeft as K
 from .kernels._checks import FLOAT_DTYPES, check_tensor
-from .model import (Method, PeftMethodConfig, _help, load_checked_state, register_method, replace_module, unmerged_for_block,
-                    select_targets, transaction)
+from .model import (Method, PeftMethodConfig, _help, disabled_layers, load_checked_state, refuse_adapted_targets,
+                    register_method, replace_module, select_targets, transaction, unmerged_for_block)
 
 __all__ = ["wegeft_linear", "WeGeFTLinear", "WeGeFTConfig", "WeGeFTMethod", "LLAMA_TARGETS", "BERT_TARGETS"]
 
@@ -179,6 +179,21 @@ def _generator_dtype(weight_dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return torch.float32 if upcast and weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
+def new_generators(shape: tuple[int, int], weight: Tensor, upcast: bool = True, identity: bool = True
+                   ) -> tuple[nn.Parameter, nn.Parameter]:
+    """(Φ, Ψ) [r, d_in] on W's device, fp32 for 16-bit W when ``upcast``: Φ = 0 (the adapted layer starts
+    equal to the base) or, with ``identity=False``, N(0, 0.02²) (tests, ablations); Ψ kaiming-uniform
+    as nn.Linear's weight."""
+    dtype = _generator_dtype(weight.dtype, upcast)
+    phi = nn.Parameter(torch.zeros(shape, dtype=dtype, device=weight.device))
+    psi = nn.Parameter(torch.empty(shape, dtype=dtype, device=weight.device))
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(psi, a=math.sqrt(5))
+        if not identity:
+            nn.init.normal_(phi, std=0.02)
+    return phi, psi
+
+
 class WeGeFTLinear(nn.Module):
     """A frozen ``nn.Linear`` plus generators: y = x Wᵀ + b + s · (x Ψᵀ)(Φ Wᵀ), s = α / r.
 
@@ -245,12 +260,9 @@ class WeGeFTLinear(nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
-        gdtype = _generator_dtype(self.weight.dtype, upcast_generators)
-        if phi is None:
-            phi = nn.Parameter(torch.zeros(shape, dtype=gdtype, device=self.weight.device))
-        if psi is None:
-            psi = nn.Parameter(torch.empty(shape, dtype=gdtype, device=self.weight.device))
-            nn.init.kaiming_uniform_(psi, a=math.sqrt(5))  # nn.Linear's default init
+        if phi is None or psi is None:
+            new_phi, new_psi = new_generators(shape, self.weight, upcast_generators)
+            phi, psi = phi if phi is not None else new_phi, psi if psi is not None else new_psi
         self.phi, self.psi = phi, psi
         self.r, self.alpha, self.scaling = int(r), float(alpha), float(alpha) / int(r)
         self.dropout, self.path, self.merge_backup = float(dropout), path, merge_backup
@@ -457,12 +469,7 @@ class WeGeFTMethod(Method):
 
     def apply(self, model: nn.Module, config: WeGeFTConfig) -> None:
         _resolve_targets(model, config)
-        taken = [(n, type(m).__name__) for n, m in model.named_modules()
-                 if n and getattr(type(m), "peftops_adapter", False) and config.matches(n)]
-        if taken:
-            raise ValueError(f"target_modules: {[n for n, _ in taken[:3]]} already adapted by another peftops method "
-                             f"({taken[0][1]}); two weight adapters on one linear do not compose: give WeGeFT "
-                             "target_modules disjoint from the other method's")
+        refuse_adapted_targets(model, config, "WeGeFT")
         found = _targets(model, config)
         if not found:
             raise ValueError(f"target_modules: no nn.Linear in {type(model).__name__} matches {config.target_modules}"
@@ -478,25 +485,17 @@ class WeGeFTMethod(Method):
                     detail = ", ".join(f"{n} (in_features={m.in_features})" for n, m in members[:4])
                     raise ValueError(f"target_modules: shared generators of {key!r} need one in_features across its "
                                      f"layers, found {d_ins}: {detail}; use share_generators=False")
-                first = members[0][1]
-                gdtype = _generator_dtype(first.weight.dtype, config.upcast_generators)
-                phi = nn.Parameter(torch.zeros(config.r, d_ins[0], dtype=gdtype, device=first.weight.device))
-                psi = nn.Parameter(torch.empty(config.r, d_ins[0], dtype=gdtype, device=first.weight.device))
-                nn.init.kaiming_uniform_(psi, a=math.sqrt(5))
-                shared[key] = (phi, psi)
-        seen: set[str] = set()
+                shared[key] = new_generators((config.r, d_ins[0]), members[0][1].weight, config.upcast_generators,
+                                             config.init_weights)
         owners: dict[str, WeGeFTLinear] = {}  # per shared target: its first layer, whose state dict holds Φ, Ψ
         for name, mod, key in found:
-            phi, psi = shared.get(key, (None, None))
+            phi, psi = shared.get(key) or new_generators((config.r, mod.in_features), mod.weight,
+                                                         config.upcast_generators, config.init_weights)
             new = WeGeFTLinear(mod, config.r, config.alpha, phi=phi, psi=psi, dropout=config.dropout,
                                upcast_generators=config.upcast_generators, path=config.path,
                                merge_backup=config.merge_backup, generator_key=key, generator_owner=owners.get(key))
             if key in shared:
                 owners.setdefault(key, new)
-            if not config.init_weights and (phi is None or key not in seen):
-                with torch.no_grad():  # a non-identity start (tests, ablations): Φ like Ψ's init, scaled down
-                    nn.init.normal_(new.phi, std=0.02)
-            seen.add(key)
             replace_module(model, name, new)
 
     def adapter_state_dict(self, model: nn.Module, config: WeGeFTConfig) -> dict[str, Tensor]:
@@ -513,18 +512,8 @@ class WeGeFTMethod(Method):
 
     @contextlib.contextmanager
     def disabled(self, model: nn.Module, config: WeGeFTConfig):
-        with unmerged_for_block(self, model, config):
-            yield from self._disabled_layers(model)
-
-    def _disabled_layers(self, model: nn.Module):
-        layers = [m for _, m in _adapted(model)]
-        for m in layers:
-            m._disabled = True
-        try:
+        with unmerged_for_block(self, model, config), disabled_layers(m for _, m in _adapted(model)):
             yield
-        finally:
-            for m in layers:
-                m.__dict__.pop("_disabled", None)
 
     def is_merged(self, model: nn.Module, config: WeGeFTConfig) -> bool:
         return any(mod.merged for _, mod in _adapted(model))

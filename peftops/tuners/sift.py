@@ -27,9 +27,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from torch import Tensor, nn
 
 from ._common import cast_to_base_dtype
-from ..kernels._checks import INDEX_DTYPES, check_index_range, check_tensor
 from ..sift import (SIFTConfig, _acc_dtype, _check_density, _check_new_indices, _default_targets,
-                    _scatter_merged_op, random_indices, sift_linear)
+                    _scatter_merged_op, check_loaded_indices, random_indices, sift_linear)
 
 __all__ = ["SIFTLayer", "Linear", "SIFTModel"]
 
@@ -116,15 +115,7 @@ class SIFTLayer(BaseTunerLayer):
 
     def resize_for_load(self, adapter_name: str, indices: Tensor, key: str) -> None:
         """Before a checkpoint loads: check its index set and give this adapter room for it."""
-        numel = self.get_base_layer().weight.numel()
-        check_tensor(f"state_dict: {key}", indices, ndim=1, dtypes=INDEX_DTYPES)
-        if indices.numel() > numel:
-            raise ValueError(f"state_dict: {key}: expected at most {numel} entries for a "
-                             f"{list(self.get_base_layer().weight.shape)} weight, got {indices.numel()}")
-        if indices.device.type != "meta":
-            check_index_range(f"state_dict: {key}", indices, numel, what="entries")
-            if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-                raise ValueError(f"state_dict: {key}: expected strictly ascending flat indices (sorted, unique)")
+        check_loaded_indices(f"state_dict: {key}", indices, self.get_base_layer().weight)
         if adapter_name in self.sift_delta and self.sift_indices[adapter_name].numel() != indices.numel():
             self._install(adapter_name, torch.zeros(indices.numel(), dtype=torch.int64))
 

@@ -16,7 +16,6 @@ and unmerge restores W bit for bit from a copy taken at the first merge.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
@@ -26,8 +25,7 @@ from torch import Tensor, nn
 
 from ..kernels import wegeft as K
 from ._common import cast_to_base_dtype
-from ..wegeft import (WeGeFTConfig, _check_hparams, _generator_dtype, _resolve_targets, generator_key,
-                      wegeft_linear)
+from ..wegeft import WeGeFTConfig, _check_hparams, _resolve_targets, generator_key, new_generators, wegeft_linear
 
 __all__ = ["WeGeFTLayer", "Linear", "WeGeFTModel"]
 
@@ -63,7 +61,7 @@ class WeGeFTLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         shape = (config.r, self.in_features)
         if phi is None:
-            phi, psi = new_generators(shape, weight, config)
+            phi, psi = new_generators(shape, weight, config.upcast_generators, config.init_weights)
         self.wegeft_phi[adapter_name] = phi
         self.wegeft_psi[adapter_name] = psi
         self.wegeft_r[adapter_name] = int(config.r)
@@ -83,19 +81,6 @@ class WeGeFTLayer(BaseTunerLayer):
             if adapter_name in d and d[adapter_name].device != target and d[adapter_name].device.type != "meta":
                 d[adapter_name] = nn.Parameter(d[adapter_name].detach().to(target),
                                                requires_grad=d[adapter_name].requires_grad)
-
-
-def new_generators(shape: tuple[int, int], weight: Tensor, config: WeGeFTConfig) -> tuple[nn.Parameter, nn.Parameter]:
-    """(Φ, Ψ) [r, d_in] on W's device: Φ = 0 (identity start) or N(0, 0.02²) with ``init_weights=False``,
-    Ψ kaiming-uniform as nn.Linear's init."""
-    dtype = _generator_dtype(weight.dtype, config.upcast_generators)
-    phi = nn.Parameter(torch.zeros(shape, dtype=dtype, device=weight.device))
-    psi = nn.Parameter(torch.empty(shape, dtype=dtype, device=weight.device))
-    nn.init.kaiming_uniform_(psi, a=math.sqrt(5))
-    if not config.init_weights:
-        with torch.no_grad():
-            nn.init.normal_(phi, std=0.02)
-    return phi, psi
 
 
 class Linear(nn.Module, WeGeFTLayer):
@@ -217,7 +202,8 @@ class WeGeFTModel(BaseTuner):
                                      f"layers, {first!r} has {phi.shape[1]} and {current_key!r} {base.in_features}; "
                                      "use share_generators=False")
             else:
-                phi, psi = new_generators((config.r, base.in_features), base.weight, config)
+                phi, psi = new_generators((config.r, base.in_features), base.weight, config.upcast_generators,
+                                          config.init_weights)
                 groups[group] = (phi, psi, current_key)
         if isinstance(target, Linear):
             target.update_layer(adapter_name, config, group, phi, psi, inference_mode=config.inference_mode)
