@@ -177,41 +177,47 @@ def prepare_lora(model, args, train_iter):
 def prepare_sift(model, args, train_iter):
     import peftops
 
-    peftops.apply(model.encoder, peftops.SIFTConfig(density=args.density, target_modules=ENCODER_LINEARS))
-    head = _head_params(model)
+    peftops.apply(model, peftops.SIFTConfig(density=args.density, target_modules=ENCODER_LINEARS,
+                                            modules_to_save=HEAD))
     calib = [next(train_iter) for _ in range(1)]
     peftops.sift_calibrate(model, calib, progress=False)
-    deltas = [p for n, p in model.encoder.named_parameters() if p.requires_grad]
+    deltas, head = _adapter_and_head_params(model)
     opt = peftops.SparseAdamW([{"params": deltas, "lr": args.lr_sift}, {"params": head, "lr": args.lr_head}])
-    return Prepared(model, opt, lambda p: _save_adapter_and_head(model, p), note=f"density {args.density}")
+    return Prepared(model, opt, lambda p: _save_adapter(model, p), note=f"density {args.density}")
 
 
-def _save_adapter_and_head(model, path):
+HEAD = ["classifier"]  # the new task head: trained in full and saved with the adapter (modules_to_save)
+
+
+def _adapter_and_head_params(model):
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("classifier.")]
+    return adapter, list(model.classifier.parameters())
+
+
+def _save_adapter(model, path):
     import peftops
 
-    peftops.save_adapter(model.encoder, path, overwrite=True)  # a rerun of the demo replaces its own output
-    _save_state(model.classifier, os.path.join(path, "head"), only_trainable=False)
+    peftops.save_adapter(model, path, overwrite=True)  # the adapter and the head; a rerun replaces its own output
 
 
 def prepare_aot(model, args, train_iter):
     import peftops
 
-    peftops.apply(model.encoder, peftops.AoTConfig(reparam="kron", rank=args.rank))
-    head = _head_params(model)
-    ps = [p for n, p in model.encoder.named_parameters() if p.requires_grad]
+    peftops.apply(model, peftops.AoTConfig(reparam="kron", rank=args.rank, modules_to_save=HEAD))
+    ps, head = _adapter_and_head_params(model)
     opt = torch.optim.AdamW([{"params": ps, "lr": args.lr_aot}, {"params": head, "lr": args.lr_head}])
-    return Prepared(model, opt, lambda p: _save_adapter_and_head(model, p), note=f"kron r={args.rank}")
+    return Prepared(model, opt, lambda p: _save_adapter(model, p), note=f"kron r={args.rank}")
 
 
 def prepare_wegeft(model, args, train_iter, per_layer=False):
     import peftops
 
     # default targets: WeGeFT's q, k, v, up, down in BERT's names (query/key/value/intermediate.dense/output.dense)
-    peftops.apply(model.encoder, peftops.WeGeFTConfig(r=args.rank, alpha=2.0 * args.rank, share_generators=not per_layer))
-    head = _head_params(model)
-    ps = [p for n, p in model.encoder.named_parameters() if p.requires_grad]
+    peftops.apply(model, peftops.WeGeFTConfig(r=args.rank, alpha=2.0 * args.rank, share_generators=not per_layer,
+                                              modules_to_save=HEAD))
+    ps, head = _adapter_and_head_params(model)
     opt = torch.optim.AdamW([{"params": ps, "lr": args.lr_adapter}, {"params": head, "lr": args.lr_head}])
-    return Prepared(model, opt, lambda p: _save_adapter_and_head(model, p),
+    return Prepared(model, opt, lambda p: _save_adapter(model, p),
                     note=f"r={args.rank} {'per-layer' if per_layer else 'shared'}")
 
 

@@ -335,6 +335,15 @@ def get_method(name: str) -> Method:
         raise ValueError(f"method: unknown peftops method {name!r}; known: {sorted(_METHODS)}") from None
 
 
+def autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """(x, W, b) in the autocast dtype when autocast is on for x's device (the adapters' custom ops
+    are not on autocast's op lists), else unchanged."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return x.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
+    return x, weight, bias
+
+
 def lazy_attributes(module_name: str, factories: dict[str, Any]):
     """A module-level ``__getattr__`` that builds each named attribute on first access and keeps it
     in the module (for the Trainer callbacks: importing transformers' Trainer costs seconds)."""

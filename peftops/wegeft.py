@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .kernels import wegeft as K
 from .kernels._checks import FLOAT_DTYPES, check_tensor
-from .model import (Method, PeftMethodConfig, _help, disabled_layers, load_checked_state, refuse_adapted_targets,
+from .model import (Method, PeftMethodConfig, _help, autocast_operands, disabled_layers, load_checked_state, refuse_adapted_targets,
                     register_method, replace_module, select_targets, transaction, unmerged_for_block)
 
 __all__ = ["wegeft_linear", "WeGeFTLinear", "WeGeFTConfig", "WeGeFTMethod", "LLAMA_TARGETS", "BERT_TARGETS"]
@@ -41,12 +41,9 @@ def _seed_int(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed.reshape(-1)[0])
 
 
-def _y_like(x2: Tensor, weight: Tensor, r: int, path: str) -> Tensor:
-    t = x2.shape[0]
-    d_out, d_in = weight.shape
-    tri = K._triton_ok(x2, r)
-    _, width = K.output_layout(t, d_out, r, K._resolve_path(path, t, d_out, d_in), tri)
-    return x2.new_empty((t, width))[:, :d_out]
+def _y_like(x2: Tensor, weight: Tensor) -> Tensor:
+    """y of the op: a contiguous [T, d_out] on every path (nn.Linear's layout)."""
+    return x2.new_empty((x2.shape[0], weight.shape[0]))
 
 
 @torch.library.custom_op("peftops::wegeft_linear", mutates_args=())
@@ -60,7 +57,7 @@ def _wegeft_linear_op(
 
 @_wegeft_linear_op.register_fake
 def _(x, weight, bias, phi, psi, scaling, dropout_p, seed, path):
-    return _y_like(x, weight, phi.shape[0], path), x.new_empty((x.shape[0], phi.shape[0]))
+    return _y_like(x, weight), x.new_empty((x.shape[0], phi.shape[0]))
 
 
 @torch.library.custom_op("peftops::wegeft_linear_backward", mutates_args=())
@@ -313,10 +310,7 @@ class WeGeFTLinear(nn.Module):
         weight, bias = self.weight, self.bias
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
+        x, weight, bias = autocast_operands(x, weight, bias)
         if self.merged or self._disabled:  # wegeft_linear's checks on x, so every state fails alike
             check_tensor("x", x, dtypes=FLOAT_DTYPES, device=weight.device)
             if x.dim() < 1 or x.shape[-1] != self.in_features:

@@ -26,7 +26,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
-from ._common import cast_to_base_dtype
+from ..model import autocast_operands
+from ._common import cast_to_base_dtype, linear_base, off
 from ..sift import (SIFTConfig, _acc_dtype, _check_density, _check_new_indices, _default_targets,
                     _scatter_merged_op, check_loaded_indices, random_indices, sift_linear)
 
@@ -130,9 +131,7 @@ class Linear(nn.Module, SIFTLayer):
         self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        if off(self):
             return self.base_layer(x, *args, **kwargs)
         names = [a for a in self.active_adapters if a in self.sift_delta]
         if self.merged or not names or self._calibrating:
@@ -147,11 +146,7 @@ class Linear(nn.Module, SIFTLayer):
             if not names:
                 return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        weight, bias = base.weight, base.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
+        x, weight, bias = autocast_operands(x, base.weight, base.bias)
         if len(names) == 1:
             a = names[0]
             return sift_linear(x, weight, bias, self.sift_indices[a], self.sift_delta[a])
@@ -214,10 +209,7 @@ class SIFTModel(BaseTuner):
 
     def _create_and_replace(self, config: SIFTConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"target_modules: {current_key!r} is a {type(base).__name__}; SIFT adapts nn.Linear "
-                            "modules only")
+        linear_base(target, current_key, "SIFT")
         if isinstance(target, Linear):
             target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
         else:

@@ -24,7 +24,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from torch import Tensor, nn
 
 from ..kernels import wegeft as K
-from ._common import cast_to_base_dtype
+from ..model import autocast_operands
+from ._common import cast_to_base_dtype, linear_base, off
 from ..wegeft import WeGeFTConfig, _check_hparams, _resolve_targets, generator_key, new_generators, wegeft_linear
 
 __all__ = ["WeGeFTLayer", "Linear", "WeGeFTModel"]
@@ -106,19 +107,13 @@ class Linear(nn.Module, WeGeFTLayer):
         return phi, psi, 1.0
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        if off(self):
             return self.base_layer(x, *args, **kwargs)
         names = self._active()
         if self.merged or not names:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        weight, bias = base.weight, base.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
+        x, weight, bias = autocast_operands(x, base.weight, base.bias)
         phi, psi, scaling = self._stacked(names, weight.dtype)
         p = max(self.wegeft_dropout[a] for a in names) if self.training else 0.0
         return wegeft_linear(x, weight, bias, phi, psi, scaling, dropout_p=p, path=self.wegeft_path[names[0]])
@@ -185,12 +180,7 @@ class WeGeFTModel(BaseTuner):
 
     def _create_and_replace(self, config: WeGeFTConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
-        if current_key is None:
-            raise ValueError("current_key: PEFT passed no module name")
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"target_modules: {current_key!r} is a {type(base).__name__}; WeGeFT adapts nn.Linear "
-                            "modules only")
+        base = linear_base(target, current_key, "WeGeFT")
         group = generator_key(current_key, config.target_modules) if config.share_generators else current_key
         phi = psi = None
         if config.share_generators:
