@@ -1,4 +1,4 @@
-"""examples/distributed_train.py under the real launchers: torchrun (``python -m torch.distributed.run``)
+"""peftops/examples/distributed_train.py under the real launchers: torchrun (``python -m torch.distributed.run``)
 with plain DDP and ``accelerate launch`` with accelerate's Accelerator, 2 CPU processes on gloo.
 
 The adapter rank 0 saves must equal the one a single process saves after training on the combined
@@ -29,7 +29,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "distributed_train.py"
+SCRIPT = ROOT / "peftops" / "examples" / "distributed_train.py"
 WORLD = 2
 TIMEOUT_S = 240  # one launch takes ~10 s of CPU; generous for a loaded 2-core CI machine
 TOL = dict(atol=1e-6, rtol=1e-5)

@@ -1,13 +1,13 @@
 """Data-parallel training of a peftops adapter, launched by torchrun or accelerate launch.
 
     # plain PyTorch DDP (init from torchrun's environment; gloo on CPU, nccl on GPU)
-    torchrun --standalone --nproc_per_node 2 examples/distributed_train.py --method sift --out out/sift
+    torchrun --standalone --nproc_per_node 2 peftops/examples/distributed_train.py --method sift --out out/sift
     # Hugging Face accelerate (DDP under the hood); on a machine without GPUs add ACCELERATE_USE_CPU=1
     # (--multi_gpu then just means "several processes", run on gloo)
-    accelerate launch --multi_gpu --num_processes 2 examples/distributed_train.py --engine accelerate \\
+    accelerate launch --multi_gpu --num_processes 2 peftops/examples/distributed_train.py --engine accelerate \\
         --method wegeft --out out/wegeft
     # one process (the reference the distributed runs must equal)
-    python examples/distributed_train.py --method sift --out out/sift-1proc
+    python peftops/examples/distributed_train.py --method sift --out out/sift-1proc
 
 Builds a small random Llama (or loads ``--model``, any AutoModelForCausalLM), applies ``--method``
 (sift | wegeft | aot | lora = peft LoRA), trains ``--steps`` steps on synthetic token batches and writes
