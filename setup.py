@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ ships as peftops.kernels: the top-level name `kernels` belongs to Hugging Face.
-    packages=["peftops", "peftops.kernels", "peftops.examples", "peftops.tuners"],
+    packages=["peftops", "peftops.kernels", "peftops.examples", "peftops.safe", "peftops.tuners"],
     package_dir={"peftops": "peftops", "peftops.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -20,7 +20,7 @@ import torch
 
 import peftops
 import peftops.model as pm
-import peftops.safe as safe_mod
+import peftops.safe.callback as safe_callback
 from helpers import force_backend
 from peftops.safe import SAFE, SAFEConfig
 from peftops.sift import sift_layers
@@ -213,7 +213,7 @@ def test_safe_trainer_resume_is_bit_equal_to_the_uninterrupted_run(safe_runs, ch
 
 def test_safe_resume_without_its_state_diverges(safe_runs, monkeypatch):
     """The control: the same resume with SAFE's checkpoint state ignored (what happened before)."""
-    monkeypatch.setattr(safe_mod, "_checkpoint_safe_state", lambda state, name: None)
+    monkeypatch.setattr(safe_callback, "_checkpoint_safe_state", lambda state, name: None)
     model = _wegeft()
     cb = peftops.SAFECallback(_safe_config())
     _train(safe_runs["root"] / "cut", model, [cb], resume=safe_runs["root"] / "cut" / f"checkpoint-{CUT}")

@@ -305,7 +305,7 @@ def test_aot_one_target_module():
 
 
 # ----------------------------------------------------------------------------------------------
-# peftops/safe.py (validates in __post_init__)
+# peftops/safe/ (validates in __post_init__)
 # ----------------------------------------------------------------------------------------------
 def safe(**kw):
     args = {"warmup_steps": 1, "ramp_end_step": 2, "final_threshold": 0.5}
