@@ -67,6 +67,7 @@ report.py, controller.py (SAFE), callback.py (SAFECallback, built on first acces
 """
 from __future__ import annotations
 
+from ..model import lazy_attributes
 from .config import SAFEConfig
 from .controller import _MANAGED_BY, SAFE, _managed  # noqa: F401  (_MANAGED_BY, _managed: for tests and tools)
 from .meter import SavedTensorMeter
@@ -85,9 +86,4 @@ def _make_callback_class():
     return make()
 
 
-def __getattr__(name: str):
-    if name == "SAFECallback":
-        cls = _make_callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {"SAFECallback": _make_callback_class})
