@@ -22,7 +22,7 @@ def python_blocks(section: str) -> list[str]:
 
 def test_using_it_has_the_snippets():
     blocks = python_blocks("Using it")
-    assert len(blocks) == 6, [b[:40] for b in blocks]
+    assert len(blocks) == 7, [b[:40] for b in blocks]  # setup, the PEFT way, SIFT, AoT, WeGeFT, SAFE, together
 
 
 @pytest.mark.slow
@@ -43,6 +43,7 @@ def test_using_it_snippets_run_as_written(tmp_path, monkeypatch):
             except Exception as e:  # noqa: BLE001 - say which block broke
                 raise AssertionError(f"README block {i + 1} failed: {type(e).__name__}: {e}\n{block}") from e
     assert os.path.isfile(tmp_path / "out" / "sift" / "peftops_adapter.safetensors")
+    assert os.path.isfile(tmp_path / "out" / "peft-wegeft" / "adapter_config.json")  # the PEFT way: PEFT's files
     assert namespace["out"].logits.shape == (8, 2)
 
 

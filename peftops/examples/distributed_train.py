@@ -133,10 +133,8 @@ def _check_same_sift_selection(model):
         raise RuntimeError("SIFT index sets differ across ranks: calibrate on the same batches everywhere")
 
 
-def main(argv=None) -> dict:
-    import peftops
-
-    args = parse_args(argv)
+def _setup(args):
+    """(accelerator or None, rank, world size, device) from the launcher's environment."""
     if args.engine == "accelerate":
         from accelerate import Accelerator
 
@@ -145,51 +143,28 @@ def main(argv=None) -> dict:
         if world == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SystemExit("accelerate launched several processes but set up no process group: on a machine "
                              "without GPUs set ACCELERATE_USE_CPU=1 (accelerate then runs them on gloo)")
+        return accelerator, rank, world, device
+    return (None, *_init_distributed())
+
+
+def _wrap(model, opt, accelerator, world, device, bucket_bytes: list[int], method: str):
+    """(wrapped model, optimizer): accelerate's prepare, DDP, or the model itself; DDP's all-reduce counted."""
+    if accelerator is not None:
+        wrapped, opt = accelerator.prepare(model, opt)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        accelerator = None
-        rank, world, device = _init_distributed()
-    if args.global_batch % world:
-        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        wrapped = model
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        wrapped.register_comm_hook(None, _counting_hook(bucket_bytes))
+        if method == "sift":
+            _check_same_sift_selection(model)
+    return wrapped, opt
 
-    with peftops.force_backend(args.backend) if args.backend != "auto" else contextlib.nullcontext():
-        model = apply_method(build_model(args), args).to(device)
-        vocab = model.get_input_embeddings().num_embeddings
-        *train, calib = synthetic_batches(args, vocab, args.steps + 1)
-        if args.method == "sift":
-            # before DDP wraps the model: its buckets are sized by δ, which has k entries only after this
-            peftops.sift_calibrate(model, [{k: v.to(device) for k, v in calib.items()}], progress=False)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = peftops.SparseAdamW(trainable, lr=args.lr) if args.method == "sift" \
-            else torch.optim.AdamW(trainable, lr=args.lr)
 
-        bucket_bytes: list[int] = []
-        if accelerator is not None:
-            wrapped, opt = accelerator.prepare(model, opt)
-        elif world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        else:
-            wrapped = model
-        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-            wrapped.register_comm_hook(None, _counting_hook(bucket_bytes))
-            if args.method == "sift":
-                _check_same_sift_selection(model)
-
-        per_rank = args.global_batch // world
-        losses, per_step, t0 = [], [], time.perf_counter()
-        for batch in train:
-            shard = {k: v[rank * per_rank:(rank + 1) * per_rank].to(device) for k, v in batch.items()}
-            seen = len(bucket_bytes)
-            loss = wrapped(**shard).loss
-            accelerator.backward(loss) if accelerator is not None else loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            per_step.append(sum(bucket_bytes[seen:]))
-        seconds = time.perf_counter() - t0
-
+def _report(args, model, rank, world, losses, per_step, seconds, trainable) -> dict:
     result = {
         "rank": rank, "world_size": world, "method": args.method, "engine": args.engine, "losses": losses,
         "allreduce_bytes_per_step": per_step, "seconds": seconds,
@@ -210,7 +185,45 @@ def main(argv=None) -> dict:
     print(f"[rank {rank}/{world}] {args.method} ({args.engine}): losses {[round(x, 5) for x in losses]}, "
           f"all-reduced {per_step[-1] if per_step else 0} B/step vs {dense} B/step for {what}, {seconds:.2f} s",
           flush=True)
+    return result
 
+
+def main(argv=None) -> dict:
+    import peftops
+
+    args = parse_args(argv)
+    accelerator, rank, world, device = _setup(args)
+    if args.global_batch % world:
+        raise SystemExit(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    with peftops.force_backend(args.backend) if args.backend != "auto" else contextlib.nullcontext():
+        model = apply_method(build_model(args), args).to(device)
+        vocab = model.get_input_embeddings().num_embeddings
+        *train, calib = synthetic_batches(args, vocab, args.steps + 1)
+        if args.method == "sift":
+            # before DDP wraps the model: its buckets are sized by δ, which has k entries only after this
+            peftops.sift_calibrate(model, [{k: v.to(device) for k, v in calib.items()}], progress=False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = peftops.SparseAdamW(trainable, lr=args.lr) if args.method == "sift" \
+            else torch.optim.AdamW(trainable, lr=args.lr)
+        bucket_bytes: list[int] = []
+        wrapped, opt = _wrap(model, opt, accelerator, world, device, bucket_bytes, args.method)
+
+        per_rank = args.global_batch // world
+        losses, per_step, t0 = [], [], time.perf_counter()
+        for batch in train:
+            shard = {k: v[rank * per_rank:(rank + 1) * per_rank].to(device) for k, v in batch.items()}
+            seen = len(bucket_bytes)
+            loss = wrapped(**shard).loss
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            per_step.append(sum(bucket_bytes[seen:]))
+        seconds = time.perf_counter() - t0
+
+    result = _report(args, model, rank, world, losses, per_step, seconds, trainable)
     if world > 1:
         dist.barrier()
     if rank == 0:
