@@ -1118,7 +1118,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     try:
         os.makedirs(ns.out, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--out {ns.out}: cannot create it ({e.strerror or e})")
+        raise UsageError(f"--out {ns.out}: cannot create it ({e.strerror or e})") from None
     if not os.access(ns.out, os.W_OK):
         raise UsageError(f"--out {ns.out} is not writable")
     return ns

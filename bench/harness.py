@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
 import math
 import os
 import platform
@@ -345,7 +344,7 @@ def measure_roofline(device: torch.device) -> dict[str, float]:
     b = torch.empty_like(a)
     t = time_fn(lambda: b.copy_(a), device) * 1e-6
     bw = 2 * a.numel() * a.element_size() / t
-    del a, b
+    a = b = None  # free 2 GiB before the GEMM
     m = 8192
     x = torch.randn(m, m, dtype=torch.bfloat16, device=device)
     y = torch.randn(m, m, dtype=torch.bfloat16, device=device)
@@ -407,7 +406,7 @@ def run_case(case: Case, device: torch.device, *, once: bool = False, compile_re
             except Exception as e:
                 errors[label] = _error_text(e)
     times = {label: (m["stats"][label]["median"] if label in m["stats"] else float("nan")) for label in paths}
-    del inputs, fns
+    inputs = fns = None  # free the case's tensors before the next case (the closures are done with them)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .harness import RESULTS_DIR, _sync, environment, sample_stats
+from .harness import _sync, environment, sample_stats
 from .harness import resolve_out_dir as _resolve_out_dir
 
 METHODS = ["full", "lora", "sift", "aot", "wegeft", "wegeft+safe"]
@@ -483,8 +483,8 @@ def format_table(rows: list[dict[str, Any]], device: torch.device, *, smoke: boo
         ])
     keep = [i for i, h in enumerate(head) if h not in drop]
     lines = [[line[i] for i in keep] for line in lines]
-    w = [max(len(str(l[i])) for l in lines) for i in range(len(keep))]
-    out = ["  ".join(str(c).ljust(x) for c, x in zip(l, w)).rstrip() for l in lines]
+    w = [max(len(str(row[i])) for row in lines) for i in range(len(keep))]
+    out = ["  ".join(str(c).ljust(x) for c, x in zip(row, w)).rstrip() for row in lines]
     out.insert(1, "  ".join("-" * x for x in w))
     if cuda:
         out.append("peak: max_memory_allocated over the timed steps minus what was allocated before the model was "

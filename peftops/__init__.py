@@ -50,6 +50,8 @@ from .safe import SAFE, AdapterUnit, SAFEConfig, SavedTensorMeter, find_adapter_
 
 from . import tuners  # noqa: E402,F401  (registers WeGeFT and SIFT with Hugging Face PEFT)
 
+from . import model, safe, sift  # noqa: E402  (the lazy attributes below read them)
+
 # the Trainer callbacks are built on first access: importing transformers' Trainer costs seconds
 __getattr__ = model.lazy_attributes(__name__, {
     "SIFTCalibrationCallback": lambda: sift.SIFTCalibrationCallback,

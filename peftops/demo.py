@@ -459,9 +459,11 @@ def format_table(rows, device) -> str:
             continue
         lines.append([r["method"], f"{100 * r['acc_before']:.1f}%", f"{100 * r['acc_after']:.1f}%", f"{r['trainable']:,}",
                       f"{r['adapter_mib']:.2f}",
-                      f"{r['memory_mib']:.1f}" if device.type == "cuda" else f"{r['memory_mib']:.1f}/{r['final_state_mib']:.1f}", f"{r['step_ms']:.0f}", r["note"]])
-    w = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
-    out = ["  ".join(str(c).ljust(x) for c, x in zip(l, w)) for l in lines]
+                      f"{r['memory_mib']:.1f}" if device.type == "cuda"
+                      else f"{r['memory_mib']:.1f}/{r['final_state_mib']:.1f}",
+                      f"{r['step_ms']:.0f}", r["note"]])
+    w = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    out = ["  ".join(str(c).ljust(x) for c, x in zip(row, w)) for row in lines]
     out.insert(1, "  ".join("-" * x for x in w))
     if device.type != "cuda":
         out.append("* CPU: gradients + optimizer state + tensors saved for backward, largest step / last step "

