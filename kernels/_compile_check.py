@@ -17,7 +17,8 @@ Exit status: 0 all compiled and the gate holds; 1 gate failures; 2 bad arguments
 
 Gate (exit 1): a variant that fails to compile; ptxas spill stores/loads or more than 227 KiB of
 shared memory, unless listed with its reason in ``_variants.ACCEPTED_RESOURCE_EXCEPTIONS`` (or, for
-what only one triton's ptxas shows, ``ACCEPTED_ON_TRITON``); a launch that leaves ``enable_fp_fusion`` to triton's default (which triton 3.10 flips); a kernel in a
+what only one triton's ptxas shows, ``ACCEPTED_ON_TRITON``);
+a launch that leaves ``enable_fp_fusion`` to triton's default (which triton 3.10 flips); a kernel in a
 family module that no driver launches (so a new kernel cannot be forgotten).
 
 Resources come from the ptxas run triton itself makes (its log, ``TRITON_DUMP_PTXAS_LOG``), so the
@@ -81,7 +82,9 @@ def entry_points(module) -> dict[int, tuple[str, object]]:
         while isinstance(inner, (Autotuner, Heuristics)):
             inner = inner.fn
             wrapped.add(id(inner))
-    jit_src = [obj.src for _, obj in found.values() if isinstance(obj, JITFunction)]
+    # every kernel's source, the ones under an autotuner / heuristics too: a helper that only an
+    # autotuned kernel calls is a helper, not a kernel nobody launches
+    jit_src = list({id(fn): fn.src for fn in (_innermost(obj) for _, obj in found.values())}.values())
     out = {}
     for i, (name, obj) in found.items():
         if i in wrapped:
@@ -141,10 +144,10 @@ def capture(families: list[str]) -> tuple[list[Launch], dict[str, list[str]], in
         seen: set[int] = set()
 
         def recorder(obj, *args, grid=None, warmup=False, **kwargs):
-            seen.add(id(obj))
+            seen.add(id(obj))  # noqa: B023 - recorder is installed and removed within this iteration
             explicit = "enable_fp_fusion" in kwargs
             for fn, kw in _expand(obj, args, kwargs):
-                launches.append(Launch(fam, fn, args, kw, explicit))
+                launches.append(Launch(fam, fn, args, kw, explicit))  # noqa: B023 - as above
                 if callable(grid):  # as the JIT does; some launchers read back what their grid saw
                     grid({**dict(zip(fn.arg_names, args)), **kw})
             for a in args:  # outputs stay deterministic for host code that reads them (top-k's counters)

@@ -1,6 +1,6 @@
 """Where an op runs: the Triton kernel or its PyTorch reference.
 
-Rule (DESIGN §0): CUDA tensors run the Triton kernels, CPU tensors run the reference, and with
+Rule (docs/design.md#dispatch): CUDA tensors run the Triton kernels, CPU tensors run the reference, and with
 ``TRITON_INTERPRET=1`` (set before triton is imported) the Triton kernels also run on CPU tensors.
 ``force_backend("reference" | "triton")`` overrides the rule inside a ``with`` block; tests use it
 to run both paths on the same inputs.

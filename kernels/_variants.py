@@ -118,7 +118,7 @@ def drive_aot(ref: Refusals) -> None:
 
     # (batch, seq, d, vocab, tasks)
     shapes = {"aligned": (2, 32, 64, 48, 3), "odd": (3, 7, 37, 29, 2), "unit": (1, 1, 64, 48, 2)}
-    for cls, (B, S, d, V, n_tasks) in shapes.items():
+    for _cls, (B, S, d, V, n_tasks) in shapes.items():
         for (h_dt, t_dt), idx_dt in itertools.product(AOT_DTYPE_PAIRS, INDEX):
             ids = torch.randint(0, V, (B, S), dtype=idx_dt)
             h = _rand((B, S, d), h_dt)
@@ -144,7 +144,7 @@ def drive_wegeft(ref: Refusals) -> None:
 
     # (T, d_out, d_in, r): T <= d_out / 2 takes the fused path under "auto"; both paths forced below
     shapes = {"aligned": (32, 96, 64, 16), "odd": (7, 37, 29, 3), "unit": (1, 96, 64, 16), "rank64": (48, 128, 80, 64)}
-    for cls, (T, d_out, d_in, r) in shapes.items():
+    for _cls, (T, d_out, d_in, r) in shapes.items():
         for dt in FLOATS:
             x, w, b = _rand((T, d_in), dt), _rand((d_out, d_in), dt), _rand(d_out, dt)
             phi, psi = _rand((r, d_in), dt), _rand((r, d_in), dt)

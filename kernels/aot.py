@@ -32,7 +32,9 @@ import numbers
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_index_range, check_same_device, check_tensor
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_count, check_flag, check_index_range, check_same_device,
+                      check_tensor)
+from ._common import acc_dtype, acc_fp64
 from ._dispatch import HAS_TRITON, autotune, next_pow2, use_triton
 
 if HAS_TRITON:
@@ -44,12 +46,23 @@ __all__ = [
     "table_grad_dense", "table_grad_dense_reference", "segment_plan", "pack_plan", "flat_table_rows",
     "plan_num_segments", "round_once",
     "check_gather_add_args", "check_plan", "check_float_dtype", "check_count", "check_flag",
+    "check_grad_args", "check_task_tensor", "internal_overlap",
 ]
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
+
+    @triton.jit
+    def _fp32_round_to_odd(s):
+        """fp64 ``s`` -> fp32 rounded to odd (truncate, set the last bit if inexact): the round to 16
+        bits after it is then the one rounding of s (round_once; triton's interpreter breaks a direct
+        fp64 -> bf16 cast)."""
+        f = s.to(tl.float32)
+        back = f.to(tl.float64)
+        bits = f.to(tl.int32, bitcast=True) - (tl.abs(back) > tl.abs(s)).to(tl.int32)
+        return (bits | (back != s).to(tl.int32)).to(tl.float32, bitcast=True)
 
     # a memory-bound add: one tile shape per width regime is enough (d >= 1024: whole 1024-column rows,
     # 1 or 4 at a time; d ~ 512; narrow d: 16 rows of 128); each extra config is one more compile and
@@ -95,19 +108,11 @@ if HAS_TRITON:
                     eviction_policy="evict_first")
         p = tl.load(table_ptr + table_row[:, None] + cols[None, :], mask=hit[:, None] & col_ok[None, :], other=0.0,
                     eviction_policy="evict_last")
+        acc_t = tl.float64 if ACC_FP64 else tl.float32
+        s = h.to(acc_t) + p.to(acc_t)
         if ACC_FP64:
-            s = h.to(tl.float64) + p.to(tl.float64)
             if out_ptr.dtype.element_ty.primitive_bitwidth < 32:  # 16-bit hidden, fp64 table
-                # fp32 rounded to odd (truncate, set the last bit if inexact): the round to 16 bits
-                # is then the one rounding of s (round_once; triton's interpreter breaks a direct
-                # fp64 -> bf16 cast). Inline: a helper called only from autotuned kernels reads as
-                # an unlaunched kernel to the compile check.
-                f = s.to(tl.float32)
-                back = f.to(tl.float64)
-                bits = f.to(tl.int32, bitcast=True) - (tl.abs(back) > tl.abs(s)).to(tl.int32)
-                s = (bits | (back != s).to(tl.int32)).to(tl.float32, bitcast=True)
-        else:
-            s = h.to(tl.float32) + p.to(tl.float32)
+                s = _fp32_round_to_odd(s)  # then one rounding to 16 bits
         tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], s.to(out_ptr.dtype.element_ty), mask=mask)
 
     # The segment sum adds the gradient rows one by one, in plan order, into a [BLOCK_D]
@@ -149,10 +154,7 @@ if HAS_TRITON:
             out_row = tl.load(slots + slot)
         cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < d
-        if ACC_FP64:
-            acc = tl.zeros([BLOCK_D], dtype=tl.float64)
-        else:
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float64 if ACC_FP64 else tl.float32)
         seg = plan_ptr + start
         for k in range(0, count, BLOCK_R):
             for r in tl.static_range(BLOCK_R):  # token order; BLOCK_R row loads in flight
@@ -164,11 +166,7 @@ if HAS_TRITON:
                 acc += tl.where(k + r < count, g.to(acc.dtype), 0.0)
         if ACC_FP64:
             if out_ptr.dtype.element_ty.primitive_bitwidth < 32:  # fp64 gradient into a 16-bit table
-                # fp32 rounded to odd, then one rounding to 16 bits (as in _gather_add_kernel)
-                f = acc.to(tl.float32)
-                back = f.to(tl.float64)
-                bits = f.to(tl.int32, bitcast=True) - (tl.abs(back) > tl.abs(acc)).to(tl.int32)
-                acc = (bits | (back != acc).to(tl.int32)).to(tl.float32, bitcast=True)
+                acc = _fp32_round_to_odd(acc)  # then one rounding to 16 bits
         tl.store(out_ptr + out_row * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -181,10 +179,6 @@ if HAS_TRITON:
 # same under any default.
 _FP_FUSION_GATHER_ADD = False
 _FP_FUSION_SEGMENT_SUM = False
-
-
-def _acc_fp64(*dtypes: torch.dtype) -> bool:
-    return any(dt == torch.float64 for dt in dtypes)
 
 
 def round_once(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -223,7 +217,7 @@ def _launch_gather_add(h2, ids1, table, task_ids, tokens_per_sample, out2):
         h2, out2, ids1, table, task_ids if has_task else ids1,
         n_rows, d, vocab, n_tasks, max(int(tokens_per_sample), 1),
         h2.stride(0), out2.stride(0), stride_tt, stride_tv, min(next_pow2(n_rows), 1 << 16),
-        HAS_TASK=has_task, ACC_FP64=_acc_fp64(h2.dtype, table.dtype),
+        HAS_TASK=has_task, ACC_FP64=acc_fp64(h2.dtype, table.dtype),
         enable_fp_fusion=_FP_FUSION_GATHER_ADD,  # elementwise add, as the torch reference
     )
     return out2
@@ -239,7 +233,7 @@ def _launch_segment_sum(g2, plan, n_segments, out2, row_from_plan):
 
     _segment_sum_kernel[grid](
         g2, plan, out2, n_tokens, n_segments, d, g2.stride(0), out2.stride(0),
-        ROW_FROM_PLAN=row_from_plan, ACC_FP64=_acc_fp64(g2.dtype),
+        ROW_FROM_PLAN=row_from_plan, ACC_FP64=acc_fp64(g2.dtype),
         enable_fp_fusion=_FP_FUSION_SEGMENT_SUM,  # adds only
     )
     return out2
@@ -268,7 +262,7 @@ def flat_table_rows(ids: torch.Tensor, task_ids: torch.Tensor | None, vocab: int
 def gather_add_reference(hidden, ids, table, task_ids=None):
     """hidden + table[task_ids[b], ids[b, s]], summed in fp32 (fp64 if an operand is fp64),
     rounded once to hidden's dtype. An out-of-range id or task id adds nothing (as the kernel)."""
-    acc = torch.float64 if _acc_fp64(hidden.dtype, table.dtype) else torch.float32
+    acc = acc_dtype(hidden.dtype, table.dtype)
     table3 = table if table.dim() == 3 else table.unsqueeze(0)
     n_tasks, vocab = table3.shape[0], table3.shape[1]
     tasks = _token_tasks(ids, task_ids)
@@ -294,7 +288,7 @@ def table_grad_rows_reference(grad, ids, vocab, task_ids=None, dtype=torch.float
     occurs, rows indexing the flattened [T·V, d] table. Sorted segment sums (deterministic),
     accumulated in fp32 (fp64 for fp64 grad); ``plan`` (segment_plan of these ids) skips the sort."""
     d = grad.shape[-1]
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(grad.dtype)
     g2 = grad.reshape(-1, d)
     if plan is None:
         sorted_rows, perm = torch.sort(flat_table_rows(ids, task_ids, vocab), stable=True)
@@ -333,28 +327,12 @@ def check_float_dtype(name: str, dtype) -> torch.dtype:
     return dtype
 
 
-def check_count(name: str, value, minimum: int = 1) -> int:
-    """An int (not a bool) >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_flag(name: str, value, *, allow_none: bool = False) -> None:
-    """A bool (or None where allowed): a truthy string or number is a mistake, not a setting."""
-    if not (isinstance(value, bool) or (allow_none and value is None)):
-        raise TypeError(f"{name}: expected {'True, False or None' if allow_none else 'a bool'}, "
-                        f"got {type(value).__name__} {value!r}")
-
-
-def _internal_overlap(t: torch.Tensor) -> bool:
+def internal_overlap(t: torch.Tensor) -> bool:
     """Several elements share memory (a stride 0 over a dim > 1, e.g. expand()): not writable."""
     return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
-def _check_task_tensor(task_ids, ids) -> None:
+def check_task_tensor(task_ids, ids) -> None:
     check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES)
     if ids.dim() < 1 or task_ids.numel() != ids.shape[0]:
         raise ValueError(f"task_ids: expected one task per sample, shape [{ids.shape[0] if ids.dim() else 1}], "
@@ -389,7 +367,7 @@ def check_gather_add_args(hidden, ids, table, task_ids, *, values: bool = True) 
         if table.dim() != 3:
             raise ValueError(f"task_ids: given, but table is a single task's [V, d] table (shape {list(table.shape)}); "
                              "stack tasks into [n_tasks, V, d]")
-        _check_task_tensor(task_ids, ids)
+        check_task_tensor(task_ids, ids)
     elif table.dim() == 3 and n_tasks != 1:
         raise ValueError(f"task_ids: required for a stacked table of {n_tasks} tasks (shape {list(table.shape)})")
     if values:
@@ -443,7 +421,7 @@ def gather_add(hidden, ids, table, task_ids=None, *, out=None, validate: bool = 
     check_gather_add_args(hidden, ids, table, task_ids, values=validate)
     if out is not None:
         check_tensor("out", out, dtypes=(hidden.dtype,), shape=list(hidden.shape), device=hidden.device)
-        if _internal_overlap(out):
+        if internal_overlap(out):
             raise ValueError(f"out: elements share memory (strides {out.stride()}, an expand()?): cannot be written; "
                              "pass a tensor of its own (e.g. .clone())")
     d = hidden.shape[-1]
@@ -550,7 +528,9 @@ def check_plan(plan, ids, task_ids, vocab: int, *, values: bool = True) -> None:
                              "build it with aot_segment_plan from the same ids")
 
 
-def _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype=torch.float32, plan=None):
+def check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype=torch.float32, plan=None):
+    """Arguments of a table backward (table_grad_rows / table_grad_dense), ``plan`` included;
+    TypeError/ValueError/IndexError naming the argument."""
     check_tensor("grad", grad, dtypes=FLOAT_DTYPES)
     check_tensor("input_ids", ids, dtypes=INDEX_DTYPES)
     if task_ids is not None:
@@ -565,7 +545,7 @@ def _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype=torch.
         raise ValueError(f"input_ids: expected shape {list(grad.shape[:-1])} (grad.shape[:-1]), got {list(ids.shape)}")
     check_same_device(grad=grad, input_ids=ids, task_ids=task_ids)
     if task_ids is not None:
-        _check_task_tensor(task_ids, ids)
+        check_task_tensor(task_ids, ids)
     elif n_tasks != 1:
         raise ValueError(f"task_ids: required for a stacked table of {n_tasks} tasks")
     if validate:
@@ -595,7 +575,7 @@ def table_grad_rows(grad, ids, vocab: int, task_ids=None, *, n_tasks: int = 1, d
     rows index the flattened [T·V, d] table (task·V + id); sums[i] = Σ grad[n] over tokens n
     reading rows[i], accumulated in fp32 (fp64 for fp64 grad) in a fixed order (bitwise
     deterministic), stored in ``dtype``. ``plan``: a precomputed segment_plan of these ids."""
-    _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype, plan)
+    check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype, plan)
     if not use_triton(grad):
         return table_grad_rows_reference(grad, ids, vocab, task_ids, dtype, plan)
     plan, n_segments, sums = _segment_sums(grad, ids, vocab, task_ids, dtype, plan, False, None)
@@ -620,7 +600,7 @@ def table_grad_dense(grad, ids, table_shape, task_ids=None, *, dtype=torch.float
     check_tensor("grad", grad, dtypes=FLOAT_DTYPES)
     if grad.dim() >= 1 and grad.shape[-1] != table_shape[-1]:
         raise ValueError(f"table_shape: hidden size {table_shape[-1]} does not match grad's {grad.shape[-1]}")
-    _check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype, plan)
+    check_grad_args(grad, ids, n_tasks, vocab, task_ids, validate, dtype, plan)
     if not use_triton(grad):
         return table_grad_dense_reference(grad, ids, table_shape, task_ids, dtype, plan)
     d = table_shape[-1]

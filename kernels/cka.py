@@ -43,13 +43,12 @@ fp64 tensor-core path).
 """
 from __future__ import annotations
 
-import functools
 import math
-import numbers
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_count, check_same_device, check_tensor
+from ._common import acc_dtype, sm_count
 from ._dispatch import HAS_TRITON, autotune, interpreting, use_triton
 
 __all__ = ["linear_cka", "linear_cka_reference", "cka_form"]
@@ -60,6 +59,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._common import TL_DTYPES
 
     # ------------------------------------------------------------------------------------------
     # Column means
@@ -352,7 +353,7 @@ if HAS_TRITON:
         for bits, cfgs in _TOKEN_CONFIGS.items()
     }
 
-    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+    _TL_DTYPES = TL_DTYPES  # the former name (tests/test_kernel_hazards_wegeft_cka.py reads it)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,11 +361,6 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 _MIN_BLOCK = 32      # smallest BLOCK_D / BLOCK_T of any config: sizes the partial-sum buffer
 _ONE_SPLIT_ROWS = 8192  # up to this many rows the means kernel runs unsplit and divides in place
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _launch_means(x2, y2, m8, scales=None):
@@ -376,7 +372,7 @@ def _launch_means(x2, y2, m8, scales=None):
     n_dblocks = triton.cdiv(dx, block_d) + triton.cdiv(dy, block_d)
     splits = 1
     if T > _ONE_SPLIT_ROWS:  # long inputs: split T to fill the GPU when the width alone cannot
-        sms = _sm_count(x2.device.index or 0) if x2.device.type == "cuda" else 1
+        sms = sm_count(x2.device, off_gpu=1)
         splits = min(max(2, (4 * sms) // n_dblocks), triton.cdiv(T, 8 * block_t))
     rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
     splits = triton.cdiv(T, rows_per_split)
@@ -408,7 +404,7 @@ def _linear_cka_triton(x2: torch.Tensor, y2: torch.Tensor, m8: torch.Tensor | No
     dy = y2.shape[1]
     dot_dtype = torch.promote_types(x2.dtype, y2.dtype)
     bits = 32 if dot_dtype == torch.float32 else 16
-    dot_tl = _TL_DTYPES[dot_dtype]
+    dot_tl = TL_DTYPES[dot_dtype]
     if interpreting() and dot_dtype == torch.bfloat16:
         dot_tl = tl.float32  # triton 3.9's interpreter returns garbage for bf16 x bf16 tl.dot
     # fp32 operands: tf32x3 (three tf32 products) is ~fp32-accurate on tensor cores; the
@@ -475,7 +471,7 @@ def linear_cka_reference(x2: torch.Tensor, y2: torch.Tensor, mask: torch.Tensor 
     """Linear CKA of x2 [T, dx] and y2 [T, dy] over the rows where mask [T] != 0, computed in fp32
     (fp64 when an input is fp64) through the Gram products of ``form``, each input first scaled by
     its pow2_scales power of two. Returns a 0-dim tensor."""
-    acc = torch.float64 if torch.float64 in (x2.dtype, y2.dtype) else torch.float32
+    acc = acc_dtype(x2.dtype, y2.dtype)
     keep1 = None if mask is None else mask != 0
     s = pow2_scales(x2, y2, keep1, acc)
     xf, yf = x2.to(acc) * s[0], y2.to(acc) * s[1]
@@ -502,18 +498,10 @@ def linear_cka_reference(x2: torch.Tensor, y2: torch.Tensor, mask: torch.Tensor 
 # ----------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------
-def _check_size(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value}")
-    return int(value)
-
-
 def cka_form(tokens: int, dx: int, dy: int) -> str:
     """The cheaper form: "tokens" (T x T Grams, T^2/2 (dx+dy) MACs) when T < dx + dy, else
     "features" (d x d Grams, T (dx^2/2 + dy^2/2 + dx dy) MACs). Sizes: ints >= 1."""
-    tokens, dx, dy = _check_size("tokens", tokens), _check_size("dx", dx), _check_size("dy", dy)
+    tokens, dx, dy = check_count("tokens", tokens), check_count("dx", dx), check_count("dy", dy)
     return "tokens" if tokens < dx + dy else "features"
 
 

@@ -1,4 +1,4 @@
-"""SIFT kernels (DESIGN §1): score accumulation, exact top-k selection, the sparse weight gradient
+"""SIFT kernels (docs/design.md#sift): score accumulation, exact top-k selection, the sparse weight gradient
 (SDDMM at the selected indices), the merged-weight write and the fused sparse AdamW step.
 
 Shapes. A targeted weight W is [d_out, d_in]; the index set I holds k flat indices into W.flatten()
@@ -34,8 +34,8 @@ The host then reads (candidates, NaN/Inf) once: NaN/Inf raise; if the sample bou
 (fewer than k candidates) or too loose (buffer overflow) the pipeline reruns with L = 0 / a buffer
 of the exact size. Results never depend on timing: same input, same output.
 
-SDDMM (DESIGN §5). A random 1% mask touches every dense tile, so the win over dY^T X comes from
-operand reuse on 1% of the FLOPs. Gathers along T from row-major [T, d] tensors are strided (one
+SDDMM (docs/design.md#sddmm-at-low-density). A random 1% mask touches every dense tile, so the win
+over dY^T X comes from operand reuse on 1% of the FLOPs. Gathers along T from row-major [T, d] tensors are strided (one
 32-byte sector per element), so dY and X are first transposed once ([d, T], T contiguous: every
 entry then reads whole 128-byte lines). Entries are grouped by blocks of GROUP_ROWS rows of W and
 ordered by (column, row) inside a group: a program owns one group and one slice of T, so the
@@ -52,12 +52,16 @@ import numbers
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_finite, check_index_range, check_same_device, check_tensor
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_count, check_finite, check_flag, check_index_range,
+                      check_real, check_same_device, check_tensor)
+from ._common import acc_dtype, acc_fp64, sm_count
 from ._dispatch import HAS_TRITON, autotune, interpreting, use_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._common import bf16_rne
 
 __all__ = [
     "abs_accumulate_", "abs_accumulate_reference_",
@@ -209,15 +213,22 @@ if HAS_TRITON:
             tl.store(ws_ptr + C_STATE + 2 * pass_idx + 3, need - above)
 
     @triton.jit
-    def _topk_count_kernel(cand_key_ptr, ws_ptr, nblocks, ctrl_len, n_passes, TILE: tl.constexpr, SCAN: tl.constexpr):
-        """Per block: #(key > T), #(key == T); the last program scans them in block order into the
-        block's output base and the ties that precede it."""
-        pid = tl.program_id(0)
+    def _topk_block_state(ws_ptr, pid, nblocks, ctrl_len, n_passes):
+        """(block stats base, threshold key T, ties to keep need_eq, the block's candidate segment
+        [seg_start, seg_end)) after the last radix pass."""
         stat = ws_ptr + ctrl_len
         threshold = tl.load(ws_ptr + C_STATE + 2 * n_passes)
         need_eq = tl.load(ws_ptr + C_STATE + 2 * n_passes + 1)
         seg_start = tl.load(stat + S_SEG_START * nblocks + pid)
         seg_end = seg_start + tl.load(stat + S_SEG_COUNT * nblocks + pid)
+        return stat, threshold, need_eq, seg_start, seg_end
+
+    @triton.jit
+    def _topk_count_kernel(cand_key_ptr, ws_ptr, nblocks, ctrl_len, n_passes, TILE: tl.constexpr, SCAN: tl.constexpr):
+        """Per block: #(key > T), #(key == T); the last program scans them in block order into the
+        block's output base and the ties that precede it."""
+        pid = tl.program_id(0)
+        stat, threshold, need_eq, seg_start, seg_end = _topk_block_state(ws_ptr, pid, nblocks, ctrl_len, n_passes)
         n_gt = tl.zeros([], tl.int64)
         n_eq = tl.zeros([], tl.int64)
         for i0 in range(seg_start, seg_end, TILE):
@@ -251,11 +262,7 @@ if HAS_TRITON:
         """Per block: the selected entries (key > T, or key == T with global tie rank < need_eq)
         go to out[base + rank within the block], i.e. ascending flat index."""
         pid = tl.program_id(0)
-        stat = ws_ptr + ctrl_len
-        threshold = tl.load(ws_ptr + C_STATE + 2 * n_passes)
-        need_eq = tl.load(ws_ptr + C_STATE + 2 * n_passes + 1)
-        seg_start = tl.load(stat + S_SEG_START * nblocks + pid)
-        seg_end = seg_start + tl.load(stat + S_SEG_COUNT * nblocks + pid)
+        stat, threshold, need_eq, seg_start, seg_end = _topk_block_state(ws_ptr, pid, nblocks, ctrl_len, n_passes)
         base = tl.load(stat + S_BASE * nblocks + pid)
         eq_rank0 = tl.load(stat + S_EQ_BEFORE * nblocks + pid)
         block_start = pid.to(tl.int64) * BLOCK
@@ -287,7 +294,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["t_split", "t_bucket"])
     def _sddmm_partial_kernel(dyt_ptr, xt_ptr, e_row_ptr, e_col_ptr, group_start_ptr, partial_ptr,
                               T, t_split, k, t_bucket, group_rows,
-                              ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+                              ACC_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
         """partial[s, e] = sum over the T-slice s of dy^T[row_e, t] * x^T[col_e, t] for the entries e
         of one row group (ordered by column). T-slice outer, entries inner: the group's dy^T
         rows for the current BLOCK_T columns stay in L1 while the entries sweep over them."""
@@ -298,6 +305,7 @@ if HAS_TRITON:
         t_begin = split * t_split
         t_end = tl.minimum(T, t_begin + t_split)
         out_row = partial_ptr + split.to(tl.int64) * k
+        acc_t = tl.float64 if ACC_FP64 else tl.float32
         for t0 in range(t_begin, t_end, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             t_ok = t < t_end
@@ -309,7 +317,7 @@ if HAS_TRITON:
                 m2 = e_ok[:, None] & t_ok[None, :]
                 dy = tl.load(dyt_ptr + r[:, None] * T + t[None, :], mask=m2, other=0.0)
                 xv = tl.load(xt_ptr + c[:, None] * T + t[None, :], mask=m2, other=0.0)
-                part = tl.sum(dy.to(ACC_DTYPE) * xv.to(ACC_DTYPE), axis=1)
+                part = tl.sum(dy.to(acc_t) * xv.to(acc_t), axis=1)
                 if t0 != t_begin:
                     part += tl.load(out_row + e, mask=e_ok, other=0.0)
                 tl.store(out_row + e, part, mask=e_ok)
@@ -336,15 +344,10 @@ if HAS_TRITON:
     # ---------------------------------------------------------------- merged write / AdamW
     @triton.jit
     def _round_to(x, DT: tl.constexpr):
-        """x rounded to nearest-even in DT. fp32 -> bf16 is done on the bits: the same on the GPU
-        and in triton's CPU interpreter (which truncates a plain fp32 -> bf16 cast). The bias add
-        would carry a NaN's low mantissa bits into the exponent (NaN -> +-0 / -Inf), so NaN gets
-        the canonical bf16 NaN 0x7FFF (what cvt.rn.bf16.f32, i.e. torch on CUDA, returns)."""
+        """x rounded to nearest-even in DT. fp32 -> bf16 is done on the bits (bf16_rne): the same on
+        the GPU and in triton's CPU interpreter (which truncates a plain fp32 -> bf16 cast)."""
         if DT == tl.bfloat16:
-            u = x.to(tl.uint32, bitcast=True)
-            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-            r = tl.where(x != x, 0x7FFF, r)
-            return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            return bf16_rne(x)
         else:
             return x.to(DT)
 
@@ -407,16 +410,8 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 # launch functions
 # ----------------------------------------------------------------------------------------------
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNT:
-        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM_COUNT[i]
+# SMs assumed off a GPU (interpreter, the compile check's capture): sizes the radix and SDDMM grids
+_SMS_OFF_GPU = 4
 
 
 # FP contraction (a*b + c -> one fma), explicit per launch: unset, triton's default is on up to 3.9
@@ -511,7 +506,7 @@ def _topk_pipeline(scores: torch.Tensor, k: int, rank: int, cap: int, sample: in
                                      INF_KEY=inf_key, BLOCK=block, num_warps=prm["block_warps"],
                                      enable_fp_fusion=_FP_FUSION_EXACT)  # integer only
     tile = prm["tile"]
-    n_prog = max(1, min(2 * _sm_count(dev), triton.cdiv(cap, 8 * tile)))
+    n_prog = max(1, min(2 * sm_count(dev, off_gpu=_SMS_OFF_GPU), triton.cdiv(cap, 8 * tile)))
     chunk = triton.cdiv(triton.cdiv(cap, n_prog), tile) * tile
     n_prog = triton.cdiv(cap, chunk)
     assert chunk < 2**24  # per-program histogram counts are exact in fp32
@@ -584,7 +579,7 @@ def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: t
     T, d_out = dy.shape
     d_in = x.shape[1]
     k = rows.numel()
-    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dy.dtype)
     group_rows = _sddmm_group_rows()
     e_row, e_col, e_pos, group_start = _sddmm_plan(rows, cols, d_out, d_in, group_rows)
     n_groups = group_start.numel() - 1
@@ -594,17 +589,17 @@ def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: t
     xt = x.t().contiguous()
     # about one program per SM (each wants its SM's L1 for its group's dy^T rows); more T-splits
     # would only grow the [n_split, k] partial buffer that the reduction reads back
-    n_split = max(1, min(triton.cdiv(_sm_count(dy.device), n_groups), triton.cdiv(T, block_t)))
+    n_split = max(1, min(triton.cdiv(sm_count(dy.device, off_gpu=_SMS_OFF_GPU), n_groups), triton.cdiv(T, block_t)))
     t_split = triton.cdiv(triton.cdiv(T, n_split), block_t) * block_t
     n_split = triton.cdiv(T, t_split)
-    partial = torch.empty(n_split, k, dtype=acc_dtype, device=dy.device)
+    partial = torch.empty(n_split, k, dtype=acc, device=dy.device)
     t_bucket = min(T.bit_length(), 15)
     _sddmm_partial_kernel[(n_groups, n_split)](
         dyt, xt, e_row, e_col, group_start, partial, T, t_split, k, t_bucket, group_rows,
-        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK_T=block_t,
+        ACC_FP64=acc_fp64(dy.dtype), BLOCK_T=block_t,
         enable_fp_fusion=_FP_FUSION_ACCURATE)  # dot products: fma = one rounding less per term
     if out is None:
-        out = torch.empty(k, dtype=acc_dtype, device=dy.device)
+        out = torch.empty(k, dtype=acc, device=dy.device)
     block, warps = _elementwise_block()
     _sddmm_reduce_kernel[(triton.cdiv(k, block),)](partial, e_pos, out, k, n_split, BLOCK=block, num_warps=warps,
                                                     enable_fp_fusion=_FP_FUSION_ACCURATE)  # adds only: a reduction
@@ -662,9 +657,9 @@ def sddmm_at_indices_reference(dy: torch.Tensor, x: torch.Tensor, rows: torch.Te
                                cols: torch.Tensor) -> torch.Tensor:
     """out[m] = sum_t dy[t, rows[m]] * x[t, cols[m]] in fp32 (fp64 for fp64 inputs), chunked over
     the entries so the dense dy.T @ x is never materialised."""
-    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dy.dtype)
     k = rows.numel()
-    out = torch.empty(k, dtype=acc_dtype, device=dy.device)
+    out = torch.empty(k, dtype=acc, device=dy.device)
     rows = rows.long()
     cols = cols.long()
     # [d, T] copies make every gathered operand a contiguous row (column gathers of [T, d] are strided)
@@ -673,7 +668,7 @@ def sddmm_at_indices_reference(dy: torch.Tensor, x: torch.Tensor, rows: torch.Te
     chunk = max(1, (1 << 24) // max(1, dy.shape[0]))  # bound the gathered [chunk, T] operands
     for s in range(0, k, chunk):
         r, c = rows[s:s + chunk], cols[s:s + chunk]
-        out[s:s + chunk] = (dy_t.index_select(0, r).to(acc_dtype) * x_t.index_select(0, c).to(acc_dtype)).sum(1)
+        out[s:s + chunk] = (dy_t.index_select(0, r).to(acc) * x_t.index_select(0, c).to(acc)).sum(1)
     return out
 
 
@@ -745,9 +740,7 @@ def abs_accumulate_(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def _check_k(k, numel: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
-    k = int(k)
+    k = check_count("k", k, minimum=None)
     if not 1 <= k <= numel:
         raise ValueError(f"k: expected 1 <= k <= numel = {numel}, got {k}")
     return k
@@ -784,8 +777,7 @@ def sddmm_at_indices(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols
     Accumulates in fp32 and returns fp32 [k] (fp64 for fp64 inputs); dy.T @ x is never formed."""
     _check_sddmm_args(dy, x, rows, cols)
     if rows.numel() == 0 or dy.shape[0] == 0:
-        return torch.zeros(rows.numel(), dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32,
-                           device=dy.device)
+        return torch.zeros(rows.numel(), dtype=acc_dtype(dy.dtype), device=dy.device)
     if use_triton(dy):
         return _sddmm_triton(dy, x, rows, cols)
     return sddmm_at_indices_reference(dy, x, rows, cols)
@@ -816,19 +808,6 @@ def scatter_merged_(weight: torch.Tensor, flat_idx: torch.Tensor, w0_sel: torch.
     return scatter_merged_reference_(weight, flat_idx, w0_sel, delta)
 
 
-def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name}: expected a finite real number, got {value!r}")
-    v = float(value)
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ValueError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None and (v >= hi if hi_open else v > hi):
-        raise ValueError(f"{name}: expected a value {'<' if hi_open else '<='} {hi}, got {v}")
-    return v
-
-
 def sparse_adamw_step_(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2,
                        eps, weight_decay, maximize=False) -> None:
     """One fused AdamW step on delta (torch.optim.AdamW's math, decoupled decay on delta, i.e.
@@ -848,13 +827,12 @@ def sparse_adamw_step_(weight, flat_idx, w0_sel, delta, grad, exp_avg, exp_avg_s
     step = int(step)
     if step < 1:
         raise ValueError(f"step: expected a positive int (1-based step count), got {step}")
-    lr = _check_number("lr", lr, lo=0.0)
-    beta1 = _check_number("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
-    beta2 = _check_number("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
-    eps = _check_number("eps", eps, lo=0.0)
-    weight_decay = _check_number("weight_decay", weight_decay, lo=0.0)
-    if not isinstance(maximize, bool):
-        raise TypeError(f"maximize: expected a bool, got {type(maximize).__name__} {maximize!r}")
+    lr = check_real("lr", lr, lo=0.0)
+    beta1 = check_real("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
+    beta2 = check_real("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
+    eps = check_real("eps", eps, lo=0.0)
+    weight_decay = check_real("weight_decay", weight_decay, lo=0.0)
+    check_flag("maximize", maximize)
     if k == 0:
         return None
     if use_triton(weight):

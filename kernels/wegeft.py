@@ -1,4 +1,4 @@
-"""WeGeFT kernels: weight-generative fine-tuning of a frozen linear layer (DESIGN §3).
+"""WeGeFT kernels: weight-generative fine-tuning of a frozen linear layer (docs/design.md#wegeft).
 
 For a frozen W [d_out, d_in], bias b [d_out], generators Φ, Ψ [r, d_in] and scale s = α / r:
 
@@ -39,18 +39,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_real, check_same_device, check_tensor
+from ._common import acc_dtype, acc_fp64, sm_count
 from ._dispatch import HAS_TRITON, autotune, gpu_like, interpreting, next_pow2, use_triton
 
 __all__ = [
-    "wegeft_forward", "wegeft_backward", "wegeft_merge", "generate_b", "choose_path", "dropout_keep_mask",
+    "wegeft_forward", "wegeft_backward", "wegeft_merge", "generate_b", "choose_path", "resolve_path",
+    "triton_ok", "dropout_keep_mask",
     "wegeft_forward_reference", "wegeft_backward_reference", "wegeft_merge_reference", "generate_b_reference",
     "PATHS", "MAX_TRITON_RANK",
 ]
 
 PATHS = ("auto", "fused", "merged")
 MAX_TRITON_RANK = 256  # larger r runs the composite PyTorch path (register tiles are [*, next_pow2(r)])
-_ALIGN = 8             # pad concatenated row lengths to 16 bytes (bf16) so cuBLAS keeps aligned fast paths
 _MASK32 = 0xFFFFFFFF
 _HASH_C1 = 0x7FEB352D  # both < 2^31: products with 32-bit values stay below 2^63 in the int64 reference
 _HASH_C2 = 0x1B873593
@@ -65,16 +66,14 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
-
-
 # ==============================================================================================
 # Triton kernels
 # ==============================================================================================
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._common import bf16_rne
 
     @triton.jit
     def _hash32(h):
@@ -100,31 +99,19 @@ if HAS_TRITON:
     # exactly-upcast fp32 operands (the tensor-core numerics: exact products, fp32 sums) and downcasts
     # round to nearest even by bit arithmetic (what .to(tl.bfloat16) does on the GPU).
     @triton.jit
-    def _bf16_rne_bits(bits):
-        """uint32 fp32 bit patterns -> uint16 bf16 bit patterns, round to nearest even (torch's and the
-        GPU's fp32 -> bf16 cast). A NaN becomes the canonical NaN 0x7FFF, as cvt.rn.bf16.f32 gives on
-        the GPU: adding the rounding bias to a NaN's mantissa would carry into the exponent and sign
-        (0x7FFFFFFF -> 0x8000 = -0, 0x7FFF8000 -> +Inf). ±Inf, ±0, subnormals, ties and the overflow
-        of values past the largest finite bf16 to ±Inf all come out of the integer rounding."""
-        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
-        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        return tl.where(is_nan, 0x7FFF, rounded).to(tl.uint16)
-
-    @triton.jit
-    def _cvt(x, dst: tl.constexpr, INTERP_BF16: tl.constexpr):
-        if INTERP_BF16 and dst == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            return _bf16_rne_bits(bits).to(tl.bfloat16, bitcast=True)
+    def _cvt(x, DST: tl.constexpr, INTERP_BF16: tl.constexpr):
+        if INTERP_BF16 and DST == tl.bfloat16:
+            return bf16_rne(x.to(tl.float32))  # round to nearest even, as .to(tl.bfloat16) on the GPU
         else:
-            return x.to(dst)
+            return x.to(DST)
 
     @triton.jit
-    def _mma(a, b, acc, IS_FP64: tl.constexpr, INTERP_BF16: tl.constexpr):
+    def _mma(a, b, acc, ACC_FP64: tl.constexpr, INTERP_BF16: tl.constexpr):
         """acc + a @ b with fp32 (fp64) accumulation."""
         if INTERP_BF16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if IS_FP64:
+        if ACC_FP64:
             # out_dtype explicit: triton 3.6/3.7 default it to fp32 and then reject an fp64 accumulator
             # (3.8+ infer it from acc); every version accepts it spelled out
             return tl.dot(a, b, acc, out_dtype=tl.float64)
@@ -135,64 +122,61 @@ if HAS_TRITON:
 
     @triton.jit
     def _generate_kernel(
-        W, PHI, PSI, B_OUT, W_OUT,
+        w_ptr, phi_ptr, psi_ptr, b_out_ptr, w_out_ptr,
         d_out, d_in, r,
         stride_w0, stride_w1, stride_phi0, stride_phi1, stride_psi0, stride_psi1,
         stride_b0, stride_b1, stride_o0, stride_o1,
         scaling, seed, thresh,
         BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
-        STORE_B: tl.constexpr, MERGE: tl.constexpr, DROPOUT: tl.constexpr, IS_FP64: tl.constexpr,
+        STORE_B: tl.constexpr, MERGE: tl.constexpr, DROPOUT: tl.constexpr, ACC_FP64: tl.constexpr,
         INTERP_BF16: tl.constexpr,
     ):
-        """One block of BM rows of W: B = scaling · (W∘M) Φᵀ (pass 1, over d_in), then optionally
-        W_OUT = W + B Ψ (pass 2, over d_in; W_OUT may be W itself: a program only rewrites its own
-        rows, after it has finished reading them in pass 1)."""
+        """One block of BM rows of W: B = scaling · (W∘M) Φᵀ (pass 1, over d_in) into b_out, then
+        optionally W + B Ψ (pass 2, over d_in) into w_out (which may be W itself: a program only
+        rewrites its own rows, after it has finished reading them in pass 1)."""
         pid = tl.program_id(0)
         rows = pid * BM + tl.arange(0, BM)
         rmask = rows < d_out
         rows64 = rows.to(tl.int64)
         rr = tl.arange(0, RP)
         rrmask = rr < r
-        if IS_FP64:
-            acc = tl.zeros([BM, RP], dtype=tl.float64)
-        else:
-            acc = tl.zeros([BM, RP], dtype=tl.float32)
+        acc = tl.zeros([BM, RP], dtype=tl.float64 if ACC_FP64 else tl.float32)
         for k0 in range(0, d_in, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < d_in
-            w = tl.load(W + rows64[:, None] * stride_w0 + ks[None, :] * stride_w1,
+            w = tl.load(w_ptr + rows64[:, None] * stride_w0 + ks[None, :] * stride_w1,
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
             if DROPOUT:
                 w = tl.where(_keep(rows[:, None], ks[None, :], d_in, seed, thresh), w, tl.zeros_like(w))
-            phit = tl.load(PHI + rr[None, :] * stride_phi0 + ks[:, None] * stride_phi1,
+            phit = tl.load(phi_ptr + rr[None, :] * stride_phi0 + ks[:, None] * stride_phi1,
                            mask=rrmask[None, :] & kmask[:, None], other=0.0)  # Φᵀ tile [BK, RP]
-            acc = _mma(w, phit, acc, IS_FP64, INTERP_BF16)
+            acc = _mma(w, phit, acc, ACC_FP64, INTERP_BF16)
         b = acc * scaling
         if STORE_B:
-            tl.store(B_OUT + rows64[:, None] * stride_b0 + rr[None, :] * stride_b1,
-                     _cvt(b, B_OUT.dtype.element_ty, INTERP_BF16), mask=rmask[:, None] & rrmask[None, :])
+            tl.store(b_out_ptr + rows64[:, None] * stride_b0 + rr[None, :] * stride_b1,
+                     _cvt(b, b_out_ptr.dtype.element_ty, INTERP_BF16), mask=rmask[:, None] & rrmask[None, :])
         if MERGE:
-            bq = _cvt(b, W.dtype.element_ty, INTERP_BF16)  # exact for fp32/fp64; one rounding of B for half types
+            bq = _cvt(b, w_ptr.dtype.element_ty, INTERP_BF16)  # exact for fp32/fp64; one rounding of B for half types
             for n0 in range(0, d_in, BN):
                 ns = n0 + tl.arange(0, BN)
                 nmask = ns < d_in
                 m2 = rmask[:, None] & nmask[None, :]
-                w = tl.load(W + rows64[:, None] * stride_w0 + ns[None, :] * stride_w1, mask=m2, other=0.0)
-                psi = tl.load(PSI + rr[:, None] * stride_psi0 + ns[None, :] * stride_psi1,
+                w = tl.load(w_ptr + rows64[:, None] * stride_w0 + ns[None, :] * stride_w1, mask=m2, other=0.0)
+                psi = tl.load(psi_ptr + rr[:, None] * stride_psi0 + ns[None, :] * stride_psi1,
                               mask=rrmask[:, None] & nmask[None, :], other=0.0)  # [RP, BN]
-                out = _mma(bq, psi, w.to(acc.dtype), IS_FP64, INTERP_BF16)
-                tl.store(W_OUT + rows64[:, None] * stride_o0 + ns[None, :] * stride_o1,
-                         _cvt(out, W_OUT.dtype.element_ty, INTERP_BF16), mask=m2)
+                out = _mma(bq, psi, w.to(acc.dtype), ACC_FP64, INTERP_BF16)
+                tl.store(w_out_ptr + rows64[:, None] * stride_o0 + ns[None, :] * stride_o1,
+                         _cvt(out, w_out_ptr.dtype.element_ty, INTERP_BF16), mask=m2)
 
     # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
     # shape never recompiles (see docs/gpu-verification.md)
     @triton.jit(do_not_specialize=["T"])
     def _thin_right_kernel(
-        M, R, OUT, T, K, r,
+        m_ptr, r_ptr, out_ptr, T, K, r,
         stride_m0, stride_m1, stride_r0, stride_r1, stride_o0, stride_o1,
-        BT: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, IS_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
+        BT: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, ACC_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
     ):
-        """OUT[T, r] = M[T, K] @ R[K, r] (u = x Ψᵀ with R = Ψᵀ; v = G B with R = B). One program per
+        """out[T, r] = M[T, K] @ R[K, r] (u = x Ψᵀ with R = Ψᵀ; v = G B with R = B). One program per
         BT rows; memory-bound on M."""
         pid = tl.program_id(0)
         rows = pid * BT + tl.arange(0, BT)
@@ -200,63 +184,57 @@ if HAS_TRITON:
         rows64 = rows.to(tl.int64)
         rr = tl.arange(0, RP)
         rrmask = rr < r
-        if IS_FP64:
-            acc = tl.zeros([BT, RP], dtype=tl.float64)
-        else:
-            acc = tl.zeros([BT, RP], dtype=tl.float32)
+        acc = tl.zeros([BT, RP], dtype=tl.float64 if ACC_FP64 else tl.float32)
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < K
-            m = tl.load(M + rows64[:, None] * stride_m0 + ks[None, :] * stride_m1,
+            m = tl.load(m_ptr + rows64[:, None] * stride_m0 + ks[None, :] * stride_m1,
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            rt = tl.load(R + ks[:, None] * stride_r0 + rr[None, :] * stride_r1,
+            rt = tl.load(r_ptr + ks[:, None] * stride_r0 + rr[None, :] * stride_r1,
                          mask=kmask[:, None] & rrmask[None, :], other=0.0)
-            acc = _mma(m, rt.to(m.dtype), acc, IS_FP64, INTERP_BF16)
-        tl.store(OUT + rows64[:, None] * stride_o0 + rr[None, :] * stride_o1,
-                 _cvt(acc, OUT.dtype.element_ty, INTERP_BF16), mask=rmask[:, None] & rrmask[None, :])
+            acc = _mma(m, rt.to(m.dtype), acc, ACC_FP64, INTERP_BF16)
+        tl.store(out_ptr + rows64[:, None] * stride_o0 + rr[None, :] * stride_o1,
+                 _cvt(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=rmask[:, None] & rrmask[None, :])
 
     @triton.jit
     def _thin_reduce_kernel(
-        A, M, WS, COLSUM, K, N, r, k_per_split,
+        a_ptr, m_ptr, ws_ptr, colsum_ptr, K, N, r, k_per_split,
         stride_a0, stride_a1, stride_m0, stride_m1,
         seed, thresh,
         BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
-        DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
+        DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, ACC_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
     ):
         """Split-K partial of OUT[r, N] = A[K, r]ᵀ @ (M∘mask)[K, N]: program (n, s) reduces rows
-        [s·k_per_split, (s+1)·k_per_split) of K into WS[s, :, n-block] (and the column sums of M into
-        COLSUM[s, n-block]). ū = uᵀG (+ db), dΨ = vᵀx, dΦ-partial = ūᵀᵀ (W∘M)."""
+        [s·k_per_split, (s+1)·k_per_split) of K into ws[s, :, n-block] (and the column sums of M into
+        colsum[s, n-block]). ū = uᵀG (+ db), dΨ = vᵀx, dΦ-partial = ūᵀᵀ (W∘M)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         cols = pid_n * BN + tl.arange(0, BN)
         cmask = cols < N
         rr = tl.arange(0, RP)
         rrmask = rr < r
-        if IS_FP64:
-            acc = tl.zeros([RP, BN], dtype=tl.float64)
-            csum = tl.zeros([BN], dtype=tl.float64)
-        else:
-            acc = tl.zeros([RP, BN], dtype=tl.float32)
-            csum = tl.zeros([BN], dtype=tl.float32)
+        acc_t = tl.float64 if ACC_FP64 else tl.float32
+        acc = tl.zeros([RP, BN], dtype=acc_t)
+        csum = tl.zeros([BN], dtype=acc_t)
         k_start = pid_s * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         for k0 in range(k_start, k_end, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < k_end
             ks64 = ks.to(tl.int64)
-            m = tl.load(M + ks64[:, None] * stride_m0 + cols[None, :] * stride_m1,
+            m = tl.load(m_ptr + ks64[:, None] * stride_m0 + cols[None, :] * stride_m1,
                         mask=kmask[:, None] & cmask[None, :], other=0.0)
             if DROPOUT:
                 m = tl.where(_keep(ks[:, None], cols[None, :], N, seed, thresh), m, tl.zeros_like(m))
-            at = tl.load(A + ks64[None, :] * stride_a0 + rr[:, None] * stride_a1,
+            at = tl.load(a_ptr + ks64[None, :] * stride_a0 + rr[:, None] * stride_a1,
                          mask=kmask[None, :] & rrmask[:, None], other=0.0)  # Aᵀ tile [RP, BK]
-            acc = _mma(_cvt(at, m.dtype, INTERP_BF16), m, acc, IS_FP64, INTERP_BF16)
+            acc = _mma(_cvt(at, m.dtype, INTERP_BF16), m, acc, ACC_FP64, INTERP_BF16)
             if HAS_COLSUM:
                 csum += tl.sum(m.to(csum.dtype), axis=0)
-        ws_base = WS + pid_s.to(tl.int64) * RP * N
+        ws_base = ws_ptr + pid_s.to(tl.int64) * RP * N
         tl.store(ws_base + rr[:, None] * N + cols[None, :], acc, mask=rrmask[:, None] & cmask[None, :])
         if HAS_COLSUM:
-            tl.store(COLSUM + pid_s.to(tl.int64) * N + cols, csum, mask=cmask)
+            tl.store(colsum_ptr + pid_s.to(tl.int64) * N + cols, csum, mask=cmask)
 
     # The K-concat GEMM's BK splits its K loop: it fixes the summation order of every output, so it
     # is one value per operand class and the autotuner picks only the tile (BM, BN), GROUP_M, warps and
@@ -287,7 +265,7 @@ if HAS_TRITON:
         """The configs of the operand class: its BK (one K order) and, for fp32/fp64, its tiles. 16-bit
         operands with K1 not a multiple of BK take the few-token tile only: every larger tile spills
         there (ptxas, sm_90a: up to ~5 KB at 128 x 128); model widths are multiples of 64."""
-        cls = "fp32" if named_args["A1"].dtype in (torch.float32, torch.float64) else "16bit"
+        cls = "fp32" if named_args["a1_ptr"].dtype in (torch.float32, torch.float64) else "16bit"
         keep = [c for c in configs if c.kwargs["BK"] == _KCAT_BK[cls]]
         if cls == "16bit" and named_args["K1"] % _KCAT_BK[cls]:
             keep = [c for c in keep if c.kwargs["BM"] == 16]
@@ -304,12 +282,12 @@ if HAS_TRITON:
     # shape never recompiles (see docs/gpu-verification.md)
     @triton.jit(do_not_specialize=["M", "M_BUCKET"])
     def _kcat_matmul_kernel(
-        A1, B1, A2, B2, BIAS, C,
+        a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
         M, N, K1, K2, M_BUCKET,
         stride_a1m, stride_a1k, stride_b1k, stride_b1n,
         stride_a2m, stride_a2k, stride_b2k, stride_b2n,
         stride_cm, stride_cn,
-        HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACC_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K1: tl.constexpr,
     ):
         """C[M, N] = A1[M, K1] @ B1[K1, N] + A2[M, K2] @ B2[K2, N] (+ bias[N]): one GEMM whose K loop
@@ -330,47 +308,40 @@ if HAS_TRITON:
         nmask = rn < N
         rm64 = rm.to(tl.int64)
         rn64 = rn.to(tl.int64)
-        if IS_FP64:
-            acc = tl.zeros([BM, BN], dtype=tl.float64)
-        else:
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc = tl.zeros([BM, BN], dtype=tl.float64 if ACC_FP64 else tl.float32)
         rk = tl.arange(0, BK)
-        a_ptr = A1 + rm64[:, None] * stride_a1m + rk[None, :] * stride_a1k
-        b_ptr = B1 + rk[:, None] * stride_b1k + rn64[None, :] * stride_b1n
+        a_ptrs = a1_ptr + rm64[:, None] * stride_a1m + rk[None, :] * stride_a1k
+        b_ptrs = b1_ptr + rk[:, None] * stride_b1k + rn64[None, :] * stride_b1n
         for k0 in range(0, K1, BK):
             if EVEN_K1:
-                a = tl.load(a_ptr, mask=mmask[:, None], other=0.0)
-                b = tl.load(b_ptr, mask=nmask[None, :], other=0.0)
+                a = tl.load(a_ptrs, mask=mmask[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
             else:
                 kmask = (k0 + rk) < K1
-                a = tl.load(a_ptr, mask=mmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptr, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc = _mma(a, b, acc, IS_FP64, INTERP_BF16)
-            a_ptr += BK * stride_a1k
-            b_ptr += BK * stride_b1k
-        a_ptr = A2 + rm64[:, None] * stride_a2m + rk[None, :] * stride_a2k
-        b_ptr = B2 + rk[:, None] * stride_b2k + rn64[None, :] * stride_b2n
+                a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = _mma(a, b, acc, ACC_FP64, INTERP_BF16)
+            a_ptrs += BK * stride_a1k
+            b_ptrs += BK * stride_b1k
+        a_ptrs = a2_ptr + rm64[:, None] * stride_a2m + rk[None, :] * stride_a2k
+        b_ptrs = b2_ptr + rk[:, None] * stride_b2k + rn64[None, :] * stride_b2n
         for k0 in range(0, K2, BK):
             kmask = (k0 + rk) < K2
-            a = tl.load(a_ptr, mask=mmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b_ptr, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc = _mma(a, b.to(a.dtype), acc, IS_FP64, INTERP_BF16)
-            a_ptr += BK * stride_a2k
-            b_ptr += BK * stride_b2k
+            a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = _mma(a, b.to(a.dtype), acc, ACC_FP64, INTERP_BF16)
+            a_ptrs += BK * stride_a2k
+            b_ptrs += BK * stride_b2k
         if HAS_BIAS:
-            bias = tl.load(BIAS + rn, mask=nmask, other=0.0)
+            bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0)
             acc += bias.to(acc.dtype)[None, :]
-        tl.store(C + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn,
-                 _cvt(acc, C.dtype.element_ty, INTERP_BF16), mask=mmask[:, None] & nmask[None, :])
+        tl.store(c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn,
+                 _cvt(acc, c_ptr.dtype.element_ty, INTERP_BF16), mask=mmask[:, None] & nmask[None, :])
 
 
 # ==============================================================================================
 # Launchers (tensors already validated; shapes 2-D)
 # ==============================================================================================
-def _is64(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float64
-
-
 def _upcast(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and interpreting()
 
@@ -407,7 +378,7 @@ def _launch_generate(weight, phi, psi, eff_scale, *, b_out=None, w_out=None, see
         bo.stride(0), bo.stride(1), wo.stride(0), wo.stride(1),
         float(eff_scale), int(seed), int(thresh),
         BM=bm, BK=bk, BN=bn, RP=rp, STORE_B=b_out is not None, MERGE=w_out is not None,
-        DROPOUT=thresh > 0, IS_FP64=_is64(weight), INTERP_BF16=_upcast(weight), num_warps=warps,
+        DROPOUT=thresh > 0, ACC_FP64=acc_fp64(weight.dtype), INTERP_BF16=_upcast(weight), num_warps=warps,
         enable_fp_fusion=True,  # GEMM (B = s·WΦᵀ, then W + BΨ): FMA only adds accuracy; no bitwise claim
     )
 
@@ -422,7 +393,7 @@ def _launch_thin_right(m, rmat, out):
     bt, bk = _thin_blocks(rp, m.element_size())
     _thin_right_kernel[(triton.cdiv(t, bt),)](
         m, rmat, out, t, k, r, m.stride(0), m.stride(1), rmat.stride(0), rmat.stride(1),
-        out.stride(0), out.stride(1), BT=bt, BK=bk, RP=rp, IS_FP64=_is64(m), INTERP_BF16=_upcast(m), num_warps=4,
+        out.stride(0), out.stride(1), BT=bt, BK=bk, RP=rp, ACC_FP64=acc_fp64(m.dtype), INTERP_BF16=_upcast(m), num_warps=4,
         enable_fp_fusion=True,  # thin GEMM: FMA only adds accuracy
     )
     return out
@@ -432,27 +403,27 @@ def _launch_thin_reduce(a, m, *, colsum=False, seed=0, thresh=0):
     """(a[K, r]ᵀ @ (m∘mask)[K, N]) in the accumulation dtype, and m's column sums if asked."""
     k, n = m.shape
     r = a.shape[1]
-    acc_dtype = torch.float64 if _is64(m) else torch.float32
+    acc = acc_dtype(m.dtype)
     if n == 0:  # d_out = 0 (ū, db) or d_in = 0 (dΦ, dΨ): empty results, and no tiles to split over
-        return torch.zeros((r, 0), dtype=acc_dtype, device=m.device), (
-            torch.zeros(0, dtype=acc_dtype, device=m.device) if colsum else None)
+        return torch.zeros((r, 0), dtype=acc, device=m.device), (
+            torch.zeros(0, dtype=acc, device=m.device) if colsum else None)
     rp = _rank_pad(r)
     if interpreting():
         bk, bn, target = 16, 32, 4
     else:
         bk, bn = 64, (128 if rp <= 64 and m.element_size() <= 2 else 64)  # fp32 at 128 spills (ptxas)
-        target = 2 * torch.cuda.get_device_properties(m.device).multi_processor_count if m.is_cuda else 8
+        target = 2 * sm_count(m.device, off_gpu=4)
     n_tiles = triton.cdiv(n, bn)
     k_steps = max(1, triton.cdiv(k, bk))
     splits = max(1, min(k_steps, triton.cdiv(target, n_tiles)))
     k_per_split = triton.cdiv(k_steps, splits) * bk
     splits = max(1, triton.cdiv(k, k_per_split))
-    ws = _new((splits, rp, n), acc_dtype, m.device)
-    cs = _new((splits, n), acc_dtype, m.device) if colsum else ws
+    ws = _new((splits, rp, n), acc, m.device)
+    cs = _new((splits, n), acc, m.device) if colsum else ws
     _thin_reduce_kernel[(n_tiles, splits)](
         a, m, ws, cs, k, n, r, k_per_split,
         a.stride(0), a.stride(1), m.stride(0), m.stride(1), int(seed), int(thresh),
-        BK=bk, BN=bn, RP=rp, DROPOUT=thresh > 0, HAS_COLSUM=colsum, IS_FP64=_is64(m), INTERP_BF16=_upcast(m), num_warps=4,
+        BK=bk, BN=bn, RP=rp, DROPOUT=thresh > 0, HAS_COLSUM=colsum, ACC_FP64=acc_fp64(m.dtype), INTERP_BF16=_upcast(m), num_warps=4,
         enable_fp_fusion=True,  # split-K GEMM + column sums: FMA only adds accuracy
     )
     out = ws[:, :r].sum(0) if splits > 1 else ws[0, :r]
@@ -471,7 +442,7 @@ def _launch_kcat(a1, b1, a2, b2, bias, out):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
     if bias is not None:
-        bias = bias.contiguous()  # the kernel reads BIAS + n (a strided bias would be read as garbage)
+        bias = bias.contiguous()  # the kernel reads bias_ptr + n (a strided bias would be read as garbage)
 
     _kcat_matmul_kernel[grid](
         a1, b1, a2, b2, bias if bias is not None else out, out,
@@ -479,7 +450,7 @@ def _launch_kcat(a1, b1, a2, b2, bias, out):
         a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
         a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, IS_FP64=_is64(a1), INTERP_BF16=_upcast(a1),
+        HAS_BIAS=bias is not None, ACC_FP64=acc_fp64(a1.dtype), INTERP_BF16=_upcast(a1),
         enable_fp_fusion=True,  # GEMM: FMA only adds accuracy (passed through the autotuner to the JIT)
     )
     return out
@@ -492,13 +463,15 @@ def choose_path(tokens: int, d_out: int, d_in: int) -> str:
     """``fused`` when T ≤ d_out / 2, else ``merged``.
 
     Byte count: merging writes (and the GEMM re-reads) d_out·d_in extra elements, while the fused
-    path reads x once more for u (T·d_in) and runs a Triton GEMM instead of cuBLAS; with a ~10% GEMM
-    efficiency gap the break-even is near T ≈ 0.4·d_out on an H100 (d = 4096: T ≈ 1.6–2k)."""
-    del d_in
+    path reads x once more for u (T·d_in) and runs a Triton GEMM instead of cuBLAS. Assuming a ~10% GEMM
+    efficiency gap, the break-even is estimated near T ≈ 0.4·d_out (d = 4096: T ≈ 1.6–2k): an estimate
+    from this byte count, not measured on a GPU yet (bench case ``wegeft.path_fused_vs_merged`` will).
+    ``d_in`` does not enter the rule; callers pass the layer's whole shape."""
     return "fused" if 2 * tokens <= d_out else "merged"
 
 
-def _resolve_path(path: str, tokens: int, d_out: int, d_in: int) -> str:
+def resolve_path(path: str, tokens: int, d_out: int, d_in: int) -> str:
+    """The path a call runs: ``choose_path`` for "auto", else ``path`` itself."""
     return choose_path(tokens, d_out, d_in) if path == "auto" else path
 
 
@@ -559,7 +532,8 @@ def wegeft_forward_reference(x, weight, bias, phi, psi, scaling, dropout_p=0.0, 
 
 def wegeft_backward_reference(grad, x, u, weight, phi, psi, scaling, dropout_p=0.0, seed=0,
                               need_dx=True, need_dphi=True, need_dpsi=True, need_dbias=False):
-    """(dx, dΦ, dΨ, db), None where not needed (DESIGN §3 with B generated as in the forward)."""
+    """(dx, dΦ, dΨ, db), None where not needed (docs/design.md#wegeft-forward-and-gradients, B generated
+    as in the forward)."""
     wd, ks = _dropped(weight, dropout_p, seed)
     dx = dphi = dpsi = db = None
     if need_dx or need_dpsi:
@@ -577,7 +551,7 @@ def wegeft_backward_reference(grad, x, u, weight, phi, psi, scaling, dropout_p=0
 
 def wegeft_merge_reference(weight, phi, psi, scaling):
     """W + scaling · (W Φᵀ) Ψ, accumulated in fp32 (fp64 for fp64), rounded once to W's dtype."""
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(weight.dtype)
     w = weight.to(acc)
     return (w + (w @ phi.to(acc).t()) @ psi.to(acc) * scaling).to(weight.dtype)
 
@@ -586,11 +560,12 @@ def wegeft_merge_reference(weight, phi, psi, scaling):
 # Validation and public dispatching functions
 # ==============================================================================================
 def _check_scalar(name, value, lo=None, hi=None, hi_open=False):
+    """check_real (kernels/_checks.py), except that WeGeFT's ops take only ints and floats and raise
+    TypeError, not ValueError, for NaN/Inf: tests/test_wegeft_kernels.py::test_validation and
+    tests/test_properties_sift_wegeft.py (scaling, dropout_p) pin that."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise TypeError(f"{name}: expected a finite real number, got {value!r}")
-    v = float(value)
-    if lo is not None and v < lo or hi is not None and (v >= hi if hi_open else v > hi):
-        raise ValueError(f"{name}: expected a value in [{lo}, {hi}{')' if hi_open else ']'}, got {v}")
+    check_real(name, value, lo, hi, hi_open=hi_open)
 
 
 def check_generators(weight, phi, psi):
@@ -637,16 +612,11 @@ def check_linear_inputs(x, weight, bias, phi, psi, scaling, dropout_p=0.0, path=
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
 
 
-def _triton_ok(t: torch.Tensor, r: int) -> bool:
+def triton_ok(t: torch.Tensor, r: int) -> bool:
     """Triton for this call: the dispatch rule, except fp64 on CUDA and r > MAX_TRITON_RANK (composite)."""
     if not use_triton(t):
         return False
     return r <= MAX_TRITON_RANK and not (gpu_like(t) and t.dtype == torch.float64)
-
-
-def output_layout(tokens: int, d_out: int, r: int, path: str, triton_path: bool):
-    """(row stride of y, its buffer width): y is contiguous [T, d_out] on every path."""
-    return d_out, d_out
 
 
 def generate_b(weight, phi, scaling, *, dropout_p=0.0, seed=0, out_dtype=None):
@@ -656,7 +626,7 @@ def generate_b(weight, phi, scaling, *, dropout_p=0.0, seed=0, out_dtype=None):
     _check_scalar("scaling", scaling)
     _check_scalar("dropout_p", dropout_p, 0.0, 1.0, hi_open=True)
     out_dtype = out_dtype or weight.dtype
-    if not _triton_ok(weight, phi.shape[0]):
+    if not triton_ok(weight, phi.shape[0]):
         return generate_b_reference(weight, phi, scaling, dropout_p, seed).to(out_dtype)
     out = _new((weight.shape[0], phi.shape[0]), out_dtype, weight.device)
     _launch_generate(weight, phi, phi, scaling * dropout_keep_scale(dropout_p), b_out=out,
@@ -671,7 +641,7 @@ def wegeft_merge(weight, phi, psi, scaling, *, out=None):
     _check_scalar("scaling", scaling)
     if out is not None:
         check_tensor("out", out, shape=list(weight.shape), dtypes=[weight.dtype], device=weight.device)
-    if not _triton_ok(weight, phi.shape[0]):
+    if not triton_ok(weight, phi.shape[0]):
         res = wegeft_merge_reference(weight, phi, psi, scaling)
         return res if out is None else out.copy_(res)
     if out is None:
@@ -687,9 +657,9 @@ def wegeft_forward(x, weight, bias, phi, psi, scaling, *, dropout_p=0.0, seed=0,
     t, d_in = x.shape
     d_out = weight.shape[0]
     r = phi.shape[0]
-    if not _triton_ok(x, r):
+    if not triton_ok(x, r):
         return wegeft_forward_reference(x, weight, bias, phi, psi, scaling, dropout_p, seed)
-    path = _resolve_path(path, t, d_out, d_in)
+    path = resolve_path(path, t, d_out, d_in)
     eff = float(scaling) * dropout_keep_scale(dropout_p)
     thresh = dropout_threshold(dropout_p)
     if path == "merged":
@@ -732,10 +702,10 @@ def wegeft_backward(grad, x, u, weight, phi, psi, scaling, *, dropout_p=0.0, see
     _check_scalar("dropout_p", dropout_p, 0.0, 1.0, hi_open=True)
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
-    if not _triton_ok(grad, r):
+    if not triton_ok(grad, r):
         return wegeft_backward_reference(grad, x, u, weight, phi, psi, scaling, dropout_p, seed,
                                          need_dx, need_dphi, need_dpsi, need_dbias)
-    path = _resolve_path(path, t, d_out, d_in)
+    path = resolve_path(path, t, d_out, d_in)
     eff = float(scaling) * dropout_keep_scale(dropout_p)
     thresh = dropout_threshold(dropout_p)
     dx = dphi = dpsi = db = None
@@ -747,7 +717,7 @@ def wegeft_backward(grad, x, u, weight, phi, psi, scaling, *, dropout_p=0.0, see
         if need_dbias:
             db = colsum.to(weight.dtype)
     if need_dbias and db is None:
-        db = grad.sum(0, dtype=torch.float64 if _is64(grad) else torch.float32).to(weight.dtype)
+        db = grad.sum(0, dtype=acc_dtype(grad.dtype)).to(weight.dtype)
 
     v = None
     if need_dx and path == "merged":

@@ -214,7 +214,7 @@ def aot_bias_add(hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Ten
     if plan is not None and not torch.compiler.is_compiling():  # a traced plan's length is data dependent:
         K.check_plan(plan, input_ids, task_ids, table.shape[-2], values=False)  # the ops check it then
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad)
-    overlapping = K._internal_overlap(hidden)
+    overlapping = K.internal_overlap(hidden)
     if inplace is None:
         inplace = not needs_grad and not overlapping
     if inplace:
@@ -244,7 +244,7 @@ def aot_table_grad(grad_output: Tensor, input_ids: Tensor, vocab_size: int, task
     K.check_float_dtype("dtype", dtype)
     K.check_flag("validate", validate)
     # shapes here (traceable); the value checks (a host sync) run inside the op
-    K._check_grad_args(grad_output, input_ids, n_tasks, vocab_size, task_ids, False, dtype,
+    K.check_grad_args(grad_output, input_ids, n_tasks, vocab_size, task_ids, False, dtype,
                        None if torch.compiler.is_compiling() else plan)  # the op checks a traced plan
     return _table_grad_rows_op(grad_output, input_ids, task_ids, plan, int(vocab_size), int(n_tasks), dtype, validate)
 
@@ -263,7 +263,7 @@ def aot_segment_plan(input_ids: Tensor, vocab_size: int, task_ids: Tensor | None
         if not isinstance(task_ids, Tensor):
             raise TypeError(f"task_ids: expected a tensor of task ids [B] or None, got {type(task_ids).__name__} "
                             f"{task_ids!r} (with an int task id, build the plan of the ids alone)")
-        K._check_task_tensor(task_ids, input_ids)
+        K.check_task_tensor(task_ids, input_ids)
         K.check_same_device(input_ids=input_ids, task_ids=task_ids)
         check_index_range("task_ids", task_ids, n_tasks if n_tasks is not None else 2 ** 62,
                           what="task ids" + (f" (the table stacks {n_tasks} tasks)" if n_tasks else ""))

@@ -22,6 +22,7 @@ import textwrap
 import pytest
 import torch
 
+from helpers import poisoned
 from peftops.kernels import HAS_TRITON, force_backend, interpreting
 from peftops.kernels import aot as A
 from peftops.kernels import sift as S
@@ -95,7 +96,7 @@ def _region_end(ops, opener_line: int) -> int:
 _SDDMM_SIG = {"dyt_ptr": "*{dt}", "xt_ptr": "*{dt}", "e_row_ptr": "*i32", "e_col_ptr": "*i32",
               "group_start_ptr": "*i64", "partial_ptr": "*{acc}", "T": "i32", "t_split": "i32", "k": "i32",
               "t_bucket": "i32", "group_rows": "i32",
-              "ACC_DTYPE": "constexpr", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"}
+              "ACC_FP64": "constexpr", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def sddmm_ttgir():
     for dt, acc, block_t in [("fp32", "fp32", 32), ("bf16", "fp32", 64), ("fp64", "fp64", 16)]:
         sig = {{a: t.format(dt=dt, acc=acc) for a, t in SIG.items()}}
         for cfg in S._SDDMM_CONFIGS:
-            consts = {{"ACC_DTYPE": tl.float64 if acc == "fp64" else tl.float32, "BLOCK_T": block_t, **cfg.kwargs}}
+            consts = {{"ACC_FP64": acc == "fp64", "BLOCK_T": block_t, **cfg.kwargs}}
             out[f"{{dt}}|{{cfg.kwargs['BLOCK_E']}}|{{cfg.num_warps}}"] = compile_ttgir(
                 S._sddmm_partial_kernel, sig, consts, cfg.num_warps)
     """
@@ -366,7 +367,7 @@ def test_segment_sum_is_bitwise_the_same_for_every_autotune_config(dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     results = []
     for cfg in A._SEGMENT_SUM_CONFIGS:
-        out = torch.full((n_seg, d), float("nan"), dtype=acc)
+        out = poisoned((n_seg, d), acc)
         grid = (n_seg * -(-d // cfg.kwargs["BLOCK_D"]),)
         A._segment_sum_kernel.fn[grid](grad, plan, out, n, n_seg, d, grad.stride(0), out.stride(0),
                                        ROW_FROM_PLAN=False, ACC_FP64=dtype == torch.float64, **cfg.kwargs)
@@ -398,7 +399,7 @@ def test_gather_add_is_bitwise_the_same_for_every_autotune_config():
     tasks = torch.randint(0, 2, (7,), generator=g)
     results = []
     for cfg in A._GATHER_ADD_CONFIGS:
-        out = torch.full_like(h, float("nan"))
+        out = poisoned(h.shape, h.dtype)
         grid = (-(-n // cfg.kwargs["BLOCK_R"]) * -(-d // cfg.kwargs["BLOCK_D"]),)
         A._gather_add_kernel.fn[grid](h, out, ids, table, tasks, n, d, V, 2, 11, h.stride(0), out.stride(0),
                                       table.stride(0), table.stride(1), 128, HAS_TASK=True, ACC_FP64=False,
@@ -423,10 +424,10 @@ def test_sddmm_partial_is_bitwise_the_same_for_every_autotune_config(dtype):
     t_split = -(-(-(-T // n_split)) // block_t) * block_t
     results = []
     for cfg in S._SDDMM_CONFIGS:
-        partial = torch.full((n_split, k), float("nan"))
+        partial = poisoned((n_split, k), torch.float32)
         S._sddmm_partial_kernel.fn[(group_start.numel() - 1, n_split)](
             dy.t().contiguous(), x.t().contiguous(), e_row, e_col, group_start, partial, T, t_split, k, 6,
-            group_rows, ACC_DTYPE=S.tl.float32, BLOCK_T=block_t, **cfg.kwargs)
+            group_rows, ACC_FP64=False, BLOCK_T=block_t, **cfg.kwargs)
         results.append(partial)
     for out in results:
         assert torch.equal(out, results[0])

@@ -14,6 +14,7 @@ import functools
 import pytest
 import torch
 
+from helpers import poisoned
 from peftops.kernels import HAS_TRITON, force_backend, triton_runs_on
 
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and triton_runs_on(torch.device("cpu"))),
@@ -194,13 +195,13 @@ def test_every_launch_passes_enable_fp_fusion(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 def _kcat_once(cfg, a1, b1, a2, b2, bias):
     m, n = a1.shape[0], b1.shape[1]
-    out = torch.full((m, n), float("nan"), dtype=a1.dtype)
+    out = poisoned((m, n), a1.dtype)
     grid = (triton.cdiv(m, cfg.kwargs["BM"]) * triton.cdiv(n, cfg.kwargs["BN"]),)
     K._kcat_matmul_kernel.fn[grid](  # the heuristics (EVEN_K1) and the JIT function, no autotuner
         a1, b1, a2, b2, bias, out, m, n, a1.shape[1], a2.shape[1], min(triton.next_power_of_2(m), 8192),
         a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
         b2.stride(0), b2.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=True, IS_FP64=a1.dtype == torch.float64, INTERP_BF16=a1.dtype == torch.bfloat16,
+        HAS_BIAS=True, ACC_FP64=a1.dtype == torch.float64, INTERP_BF16=a1.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True, **cfg.kwargs)
     return out
 
@@ -215,9 +216,9 @@ def test_kcat_result_is_the_same_for_every_config(dtype):
     a1, b1 = torch.randn(t, k1, generator=g).to(dtype), torch.randn(k1, n, generator=g).to(dtype)
     a2, b2 = torch.randn(t, k2, generator=g).to(dtype), torch.randn(k2, n, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
-    configs = K._prune_kcat(K._kcat_configs(), {"A1": a1, "K1": k1})
+    configs = K._prune_kcat(K._kcat_configs(), {"a1_ptr": a1, "K1": k1})
     if dtype != torch.float32:
-        partial = K._prune_kcat(K._kcat_configs(), {"A1": a1, "K1": 300})
+        partial = K._prune_kcat(K._kcat_configs(), {"a1_ptr": a1, "K1": 300})
         assert partial and all(c.kwargs["BM"] == 16 and c.kwargs["BK"] == configs[0].kwargs["BK"] for c in partial)
     assert len(configs) >= 2
     outs = [_kcat_once(c, a1, b1, a2, b2, bias) for c in configs]
@@ -249,7 +250,7 @@ def _cka_once(form, cfg, x2, y2):
         nt = triton.cdiv(T, blk["BLOCK_T"]) ** 2
         counts, grid = [nt] * 3, (nt,)
     width = max(counts)
-    out = torch.full((3, width), float("nan"), dtype=torch.float32)
+    out = poisoned((3, width), torch.float32)
     kernel[grid](x2, y2, mu, mu[dx:], n, n, out, T, dx, dy, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
                  width, 0, HAS_MASK=False, DOT_DTYPE=dot_tl, PRECISION="ieee",
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True, **blk)
