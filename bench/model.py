@@ -54,7 +54,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .harness import _sync, environment, sample_stats
+from .harness import RESULTS_DIR, _sync, environment, sample_stats  # noqa: F401  (RESULTS_DIR: the official --out, read by callers)
 from .harness import resolve_out_dir as _resolve_out_dir
 
 METHODS = ["full", "lora", "sift", "aot", "wegeft", "wegeft+safe"]
