@@ -425,7 +425,7 @@ def ptxas_problem(path: str | None = None) -> str | None:
             "Linux x86_64/aarch64 (they bundle it) or set TRITON_PTXAS_PATH to a CUDA 12.8+ ptxas")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m peftops.kernels._compile_check",
                                  description="Compile every kernel variant that runs for sm_90a; report and gate resources.")
     ap.add_argument("families", nargs="*", help=f"kernel families (default: all of {FAMILIES})")
@@ -436,41 +436,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the variants without compiling")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop compiling after this many seconds and write a partial report (exit 3)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _usage_problem(args) -> str | None:
+    """Why this run cannot start (None: it can)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("compile check: unset TRITON_INTERPRET (or set it to 0): the interpreter compiles nothing", file=sys.stderr)
-        return 2
+        return "unset TRITON_INTERPRET (or set it to 0): the interpreter compiles nothing"
     unknown = [f for f in args.families if f not in FAMILIES]
     if unknown:
-        print(f"compile check: unknown kernel family {', '.join(unknown)}; expected some of {FAMILIES}", file=sys.stderr)
-        return 2
+        return f"unknown kernel family {', '.join(unknown)}; expected some of {FAMILIES}"
     if args.budget_s is not None and not args.budget_s > 0:
-        print(f"compile check: --budget-s must be > 0 seconds, got {args.budget_s}", file=sys.stderr)
-        return 2
+        return f"--budget-s must be > 0 seconds, got {args.budget_s}"
     if args.jobs < 1:
-        print(f"compile check: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
-        return 2
+        return f"--jobs must be >= 1, got {args.jobs}"
     from ._dispatch import HAS_TRITON
 
     if not HAS_TRITON:
-        print("compile check: triton is not installed", file=sys.stderr)
-        return 2
+        return "triton is not installed"
     no_ptxas = ptxas_problem()
     if no_ptxas and not args.list:
-        print(f"compile check: {no_ptxas}", file=sys.stderr)
-        return 2
-    families = tuple(args.families or FAMILIES)
+        return no_ptxas
+    return None
 
-    t0 = time.perf_counter()
-    launches, missing, refused = capture(list(families))
-    variants = to_variants(launches)
-    print(f"captured {len(launches)} launches -> {len(variants)} variants "
-          f"({refused} refused argument combinations) in {time.perf_counter() - t0:.1f} s", flush=True)
-    if args.list:
-        for v in variants:
-            print(f"{v.family}.{v.kernel} [{v.describe()}] x{v.launches}")
-        return 0
 
+def _compile_all(variants, families, args, t0) -> tuple[dict[int, dict], dict[int, str], bool]:
+    """(resources by variant index, errors by index, interrupted): every variant compiled in worker
+    processes until done or the budget runs out; progress per family on stdout."""
     results: dict[int, dict] = {}
     errors: dict[int, str] = {}
     jobs = [(families, i) for i in range(len(variants))]
@@ -492,7 +484,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     deadline = t0 + args.budget_s if args.budget_s else None
-    interrupted = False
     try:
         if workers > 1:
             import multiprocessing
@@ -516,13 +507,15 @@ def main(argv: list[str] | None = None) -> int:
                     raise TimeoutError
                 take(_compile_job(job))
     except (TimeoutError, KeyboardInterrupt) as e:
-        interrupted = True
         why = "the time budget ran out" if isinstance(e, TimeoutError) else "interrupted"
         print(f"compile check: {why} after {len(results) + len(errors)}/{len(jobs)} variants; "
               "writing a partial report", file=sys.stderr, flush=True)
+        return results, errors, True
+    return results, errors, False
 
-    problems = gate(variants, results, errors, missing)
-    not_compiled = len(jobs) - len(results) - len(errors)
+
+def _write_report(args, families, launches, variants, refused, results, errors, problems, interrupted, t0) -> dict:
+    not_compiled = len(variants) - len(results) - len(errors)
     report = {
         "env": environment(), "families": list(families),
         "summary": {"launches": len(launches), "variants": len(variants), "refused": refused,
@@ -535,19 +528,44 @@ def main(argv: list[str] | None = None) -> int:
                      for i, v in enumerate(variants)],
         "problems": problems,
     }
-    for path, text in ((args.json, lambda: json.dumps(report, indent=1, default=str)), (args.markdown, lambda: markdown(report))):
+    for path, text in ((args.json, lambda: json.dumps(report, indent=1, default=str)),
+                       (args.markdown, lambda: markdown(report))):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as f:
                 f.write(text())
             print(f"wrote {path}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    problem = _usage_problem(args)
+    if problem:
+        print(f"compile check: {problem}", file=sys.stderr)
+        return 2
+    families = tuple(args.families or FAMILIES)
+
+    t0 = time.perf_counter()
+    launches, missing, refused = capture(list(families))
+    variants = to_variants(launches)
+    print(f"captured {len(launches)} launches -> {len(variants)} variants "
+          f"({refused} refused argument combinations) in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.list:
+        for v in variants:
+            print(f"{v.family}.{v.kernel} [{v.describe()}] x{v.launches}")
+        return 0
+
+    results, errors, interrupted = _compile_all(variants, families, args, t0)
+    problems = gate(variants, results, errors, missing)
+    report = _write_report(args, families, launches, variants, refused, results, errors, problems, interrupted, t0)
     s = report["summary"]
     print(f"{s['variants'] - s['failed']} compiled, {s['failed']} failed, {s['spilling']} spilling "
           f"({s['accepted']} accepted), {len(problems)} gate problems, {s['wall_s']} s")
     for p in problems:
         print(f"GATE {p}")
     if interrupted:
-        print(f"PARTIAL: {not_compiled} variants not compiled: the gate is not proven", file=sys.stderr)
+        print(f"PARTIAL: {s['not_compiled']} variants not compiled: the gate is not proven", file=sys.stderr)
         return 3
     return 1 if problems else 0
 
