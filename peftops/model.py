@@ -57,14 +57,7 @@ class AdapterConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field on a bad setting (subclasses extend)."""
         for field in ("target_modules", "modules_to_save"):
-            value = getattr(self, field)
-            if value is None:
-                continue
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value):
-                raise ValueError(f"{field}: expected a list of non-empty strings, got {value!r}")
-            setattr(self, field, list(value))
+            setattr(self, field, _name_list(field, getattr(self, field)))
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules: expected at least one module name (None: the method's defaults)")
 
@@ -90,6 +83,19 @@ class AdapterConfig:
 
 
 ALL_LINEAR = "all-linear"
+
+
+def _name_list(field: str, value, alternatives: str = ""):
+    """None, or ``value`` (one name, or a list / tuple / set of non-empty names) as a list."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value, key=str)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value):
+        raise ValueError(f"{field}: expected {alternatives}a list of non-empty strings, got {value!r}")
+    return list(value)
 
 
 def _help(text: str, default=None, **kw):
@@ -149,21 +155,10 @@ class PeftMethodConfig(AdapterConfig, PeftConfigBase):
                     except re.error as e:
                         raise ValueError(f"{field}: {value!r} is not a valid regular expression ({e})") from None
                 continue
-            if isinstance(value, (set, frozenset)):
-                value = sorted(value, key=str)
-            if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value):
-                raise ValueError(f"{field}: expected a regex, 'all-linear' or a list of non-empty strings, got "
-                                 f"{value!r}")
-            setattr(self, field, list(value))
+            setattr(self, field, _name_list(field, value, "a regex, 'all-linear' or "))
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules: expected at least one module name (None: the method's defaults)")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if self.modules_to_save is not None and (not isinstance(self.modules_to_save, (list, tuple)) or not all(
-                isinstance(t, str) and t for t in self.modules_to_save)):
-            raise ValueError(f"modules_to_save: expected a list of non-empty strings, got {self.modules_to_save!r}")
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        self.modules_to_save = _name_list("modules_to_save", self.modules_to_save)
         layers = self.layers_to_transform
         if layers is not None:
             items = [layers] if not isinstance(layers, (list, tuple)) else list(layers)

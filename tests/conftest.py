@@ -3,9 +3,13 @@
 On a machine without CUDA the Triton kernels run in triton's CPU interpreter: TRITON_INTERPRET
 must be set before triton is first imported, so it is set here, before any test module loads.
 ``--benchmark`` enables the pytest-benchmark cases in tests/test_bench.py (skipped otherwise).
+Every test starts from the same seeds (``_seed``: torch, random and numpy, from the test's id).
+The shared helpers and the test conventions are in tests/helpers.py.
 """
 import os
+import random
 import sys
+import zlib
 
 import torch
 
@@ -29,6 +33,32 @@ try:  # the property suites (tests/test_properties_*.py); deterministic, so CI i
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is in the [test] extra; without it the property suites skip
     pass
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Seed torch (CPU and CUDA), ``random`` and numpy before each test with a number derived from its
+    id: a test sees the same random stream whatever ran before it or beside it, and a failure reruns
+    alike. Tests that need a particular stream seed their own generator; hypothesis seeds its own."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover
+        return
+    numpy.random.seed(seed)
+
+
+@pytest.fixture
+def reference_backend():
+    """The test runs on the reference kernels: model-plumbing files take it for every test with
+    ``pytestmark = pytest.mark.usefixtures("reference_backend")`` (the kernels' Triton paths are
+    covered by the backend-parametrized tests)."""
+    from peftops.kernels import force_backend  # not at the top: triton must load after TRITON_INTERPRET
+
+    with force_backend("reference"):
+        yield
 
 
 def pytest_addoption(parser):

@@ -10,10 +10,9 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 import peftops
-from helpers import force_backend
+from helpers import tiny_bert, tiny_llama
 from peftops import AoTConfig, SAFEConfig, SIFTConfig, WeGeFTConfig
 from peftops import model as pm
 from peftops.safe import SAFE
@@ -24,28 +23,10 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _reference():
-    with force_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
-def bert(cls=None):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=41, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=29, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, num_labels=3, attn_implementation="eager")
-    return (cls or transformers.BertForSequenceClassification)(cfg).eval()
-
-
-def llama(cls=None):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=37, hidden_size=24, intermediate_size=31, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                   attn_implementation="eager", pad_token_id=0)
-    return (cls or transformers.LlamaForCausalLM)(cfg).eval()
-
-
+# ids for the helpers' default tiny models (vocabularies 41 and 37)
 IDS = torch.tensor([[3, 5, 7, 11, 2, 1], [13, 17, 19, 23, 29, 31]]) % 37
 
 
@@ -140,7 +121,7 @@ def fail_on_call(n):
     return make
 
 
-MAKERS = {"bert": bert, "llama": llama}
+MAKERS = {"bert": tiny_bert, "llama": tiny_llama}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +143,7 @@ def test_apply_matching_nothing_leaves_the_base_trainable(kind, method):
 
 @pytest.mark.parametrize("method", ["sift", "wegeft"])
 def test_apply_failing_half_way_is_rolled_back(monkeypatch, method):
-    model = llama()
+    model = tiny_llama()
     before = fingerprint(model)
     cfg = configs()[method]()
     cfg_before = dict(vars(cfg))
@@ -178,7 +159,7 @@ def test_apply_failing_half_way_is_rolled_back(monkeypatch, method):
 def test_apply_aot_failing_half_way_removes_its_hooks(monkeypatch):
     from peftops import aot
 
-    model = llama()
+    model = tiny_llama()
     before = fingerprint(model)
     monkeypatch.setattr(aot, "_LayerHook", fail_on_call(2)(aot._LayerHook))
     with pytest.raises(Boom):
@@ -188,7 +169,7 @@ def test_apply_aot_failing_half_way_removes_its_hooks(monkeypatch):
 
 
 def test_apply_second_method_failing_keeps_the_first(monkeypatch):
-    model = adapted(llama, "sift")
+    model = adapted(tiny_llama, "sift")
     before = fingerprint(model)
     with pytest.raises(ValueError, match=r"^target_modules:"):
         peftops.apply(model, WeGeFTConfig(r=2, target_modules=["q_proj"]))  # taken by SIFT
@@ -196,7 +177,7 @@ def test_apply_second_method_failing_keeps_the_first(monkeypatch):
 
 
 def test_apply_flags_are_checked():
-    model = llama()
+    model = tiny_llama()
     before = fingerprint(model)
     with pytest.raises(TypeError, match=r"^freeze_base:"):
         peftops.apply(model, SIFTConfig(), freeze_base="yes")
@@ -251,9 +232,9 @@ CORRUPTIONS = {
 def test_load_corrupted_adapter_leaves_model_as_before(tmp_path, case, applied):
     method, i = case
     _, suffix, edit, err, start = CORRUPTIONS[method][i]
-    _, path = _saved(tmp_path, llama, method)
+    _, path = _saved(tmp_path, tiny_llama, method)
     _edit_tensor(path, suffix, edit)
-    target = adapted(llama, method) if applied else llama()
+    target = adapted(tiny_llama, method) if applied else tiny_llama()
     before = fingerprint(target)
     with pytest.raises(err, match="^" + start):
         peftops.load_adapter(target, path)
@@ -262,8 +243,8 @@ def test_load_corrupted_adapter_leaves_model_as_before(tmp_path, case, applied):
 
 @pytest.mark.parametrize("method", ["sift", "wegeft", "aot"])
 def test_load_from_another_model_class_leaves_model_as_before(tmp_path, method):
-    _, path = _saved(tmp_path, llama, method)
-    other = llama(transformers.LlamaForSequenceClassification)  # same layer names and shapes
+    _, path = _saved(tmp_path, tiny_llama, method)
+    other = tiny_llama(head=transformers.LlamaForSequenceClassification)  # same layer names and shapes
     before = {k: v.clone() for k, v in other.state_dict().items()}
     flags = [p.requires_grad for p in other.parameters()]
     types = [type(m) for m in other.modules()]
@@ -278,8 +259,8 @@ def test_load_from_another_model_class_leaves_model_as_before(tmp_path, method):
 
 def test_load_failing_half_way_restores_loaded_sift_layers(tmp_path, monkeypatch):
     """The write phase itself fails on the third layer: the layers already loaded go back."""
-    _, path = _saved(tmp_path, llama, "sift")
-    target = adapted(llama, "sift")  # calibrated and trained already: its weights hold W0 + δ
+    _, path = _saved(tmp_path, tiny_llama, "sift")
+    target = adapted(tiny_llama, "sift")  # calibrated and trained already: its weights hold W0 + δ
     before = fingerprint(target)
     monkeypatch.setattr(SIFTLinear, "resync_", fail_on_call(3)(SIFTLinear.resync_))
     with pytest.raises(Boom):
@@ -289,8 +270,8 @@ def test_load_failing_half_way_restores_loaded_sift_layers(tmp_path, monkeypatch
 
 
 def test_load_failing_half_way_restores_wegeft_generators(tmp_path, monkeypatch):
-    _, path = _saved(tmp_path, llama, "wegeft")
-    target = adapted(llama, "wegeft")
+    _, path = _saved(tmp_path, tiny_llama, "wegeft")
+    target = adapted(tiny_llama, "wegeft")
     before = fingerprint(target)
     real_copy = torch.Tensor.copy_
     calls = [0]
@@ -311,8 +292,8 @@ def test_load_failing_half_way_restores_wegeft_generators(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("method", ["wegeft", "sift", "aot"])
 def test_load_onto_merged_model_is_refused(tmp_path, method):
-    _, path = _saved(tmp_path, llama, method)
-    target = adapted(llama, method)
+    _, path = _saved(tmp_path, tiny_llama, method)
+    target = adapted(tiny_llama, method)
     peftops.merge(target)
     before = fingerprint(target)
     with pytest.raises(ValueError, match=r"^model: .*merged"):
@@ -322,12 +303,12 @@ def test_load_onto_merged_model_is_refused(tmp_path, method):
 
 @pytest.mark.parametrize("version", [2, True, 1.0, "1", None])
 def test_load_refuses_other_format_versions(tmp_path, version):
-    _, path = _saved(tmp_path, llama, "wegeft")
+    _, path = _saved(tmp_path, tiny_llama, "wegeft")
     cfg = os.path.join(path, pm.CONFIG_FILE)
     meta = json.load(open(cfg))
     meta["format_version"] = version
     json.dump(meta, open(cfg, "w"))
-    target = llama()
+    target = tiny_llama()
     before = fingerprint(target)
     match = r"^directory: .*newer peftops" if version == 2 else r"^directory: .*format_version: expected"
     with pytest.raises(ValueError, match=match):
@@ -339,7 +320,7 @@ def test_load_refuses_other_format_versions(tmp_path, version):
                                   "dtype_not_a_string",
                                   "duplicate_method", "foreign_key", "not_a_dir"])
 def test_load_refuses_corrupted_files(tmp_path, edit):
-    _, path = _saved(tmp_path, llama, "wegeft")
+    _, path = _saved(tmp_path, tiny_llama, "wegeft")
     cfg, w = os.path.join(path, pm.CONFIG_FILE), os.path.join(path, pm.WEIGHTS_FILE)
     meta = json.load(open(cfg))
     if edit == "truncate_json":
@@ -364,7 +345,7 @@ def test_load_refuses_corrupted_files(tmp_path, edit):
         meta["tensors"]["sift::x.indices"] = {"shape": [1], "dtype": "int64"}
     if edit not in ("truncate_json", "truncate_weights"):
         json.dump(meta, open(cfg, "w"))
-    target = llama()
+    target = tiny_llama()
     before = fingerprint(target)
     if edit == "not_a_dir":
         with pytest.raises(FileNotFoundError, match=r"^directory:"):
@@ -379,7 +360,7 @@ def test_load_refuses_corrupted_files(tmp_path, edit):
 # save_adapter
 # ----------------------------------------------------------------------------------------------
 def test_save_refuses_to_overwrite_unless_asked(tmp_path):
-    model = adapted(llama, "wegeft")
+    model = adapted(tiny_llama, "wegeft")
     peftops.save_adapter(model, tmp_path / "a")
     first = open(tmp_path / "a" / pm.WEIGHTS_FILE, "rb").read()
     with torch.no_grad():
@@ -398,14 +379,14 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
 
 def test_save_into_a_folder_with_other_files_keeps_them(tmp_path):
     (tmp_path / "trainer_state.json").write_text("{}")
-    peftops.save_adapter(adapted(llama, "aot"), tmp_path)
+    peftops.save_adapter(adapted(tiny_llama, "aot"), tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(["trainer_state.json", pm.CONFIG_FILE, pm.WEIGHTS_FILE])
 
 
 def test_failed_save_leaves_no_half_written_adapter(tmp_path, monkeypatch):
     import safetensors.torch
 
-    model = adapted(llama, "wegeft")
+    model = adapted(tiny_llama, "wegeft")
 
     def broken(*a, **k):
         open(a[1], "wb").write(b"partial")
@@ -421,7 +402,7 @@ def test_failed_save_leaves_no_half_written_adapter(tmp_path, monkeypatch):
 # merge / unmerge
 # ----------------------------------------------------------------------------------------------
 def test_merge_failing_half_way_restores_the_weights(monkeypatch):
-    model = adapted(llama, "wegeft")
+    model = adapted(tiny_llama, "wegeft")
     before = fingerprint(model)
     monkeypatch.setattr(WeGeFTLinear, "merge", fail_on_call(3)(WeGeFTLinear.merge))
     with pytest.raises(Boom):
@@ -432,7 +413,7 @@ def test_merge_failing_half_way_restores_the_weights(monkeypatch):
 
 
 def test_unmerge_failing_half_way_keeps_the_model_merged(monkeypatch):
-    model = adapted(llama, "wegeft")
+    model = adapted(tiny_llama, "wegeft")
     peftops.merge(model)
     before = fingerprint(model)
     monkeypatch.setattr(WeGeFTLinear, "unmerge", fail_on_call(4)(WeGeFTLinear.unmerge))
@@ -446,7 +427,7 @@ def test_unmerge_failing_half_way_keeps_the_model_merged(monkeypatch):
 
 
 def test_sift_unmerge_failing_half_way_restores_the_weights(monkeypatch):
-    model = adapted(llama, "sift")
+    model = adapted(tiny_llama, "sift")
     peftops.merge(model)
     before = fingerprint(model)
     monkeypatch.setattr(SIFTLinear, "restore_base_", fail_on_call(3)(SIFTLinear.restore_base_))
@@ -457,7 +438,7 @@ def test_sift_unmerge_failing_half_way_restores_the_weights(monkeypatch):
 
 
 def test_merge_without_adapter_is_an_error():
-    model = llama()
+    model = tiny_llama()
     with pytest.raises(ValueError, match=r"^model: no peftops adapter"):
         peftops.merge(model)
     with pytest.raises(ValueError, match=r"^model: no peftops adapter"):
@@ -468,7 +449,7 @@ def test_merge_without_adapter_is_an_error():
 # SIFT calibration
 # ----------------------------------------------------------------------------------------------
 def test_recalibration_failing_half_way_restores_the_index_sets(monkeypatch):
-    model = adapted(llama, "sift")
+    model = adapted(tiny_llama, "sift")
     before = fingerprint(model)
     monkeypatch.setattr(SIFTLinear, "set_indices", fail_on_call(4)(SIFTLinear.set_indices))
     with pytest.raises(Boom):
@@ -478,7 +459,7 @@ def test_recalibration_failing_half_way_restores_the_index_sets(monkeypatch):
 
 
 def test_calibration_with_a_bad_batch_leaves_the_model_as_before():
-    model = adapted(llama, "sift")
+    model = adapted(tiny_llama, "sift")
     before = fingerprint(model)
     with pytest.raises(ValueError, match=r"^batches:"):
         sift_calibrate(model, [batch(model)], calib_batches=2, progress=False)
@@ -489,7 +470,7 @@ def test_calibration_with_a_bad_batch_leaves_the_model_as_before():
 # AoT compile / task tables
 # ----------------------------------------------------------------------------------------------
 def test_compile_aot_tables_refuses_integer_dtype():
-    model = adapted(llama, "aot")
+    model = adapted(tiny_llama, "aot")
     before = fingerprint(model)
     with pytest.raises(TypeError, match=r"^dtype:"):
         peftops.compile_aot_tables(model, torch.int32)
@@ -499,7 +480,7 @@ def test_compile_aot_tables_refuses_integer_dtype():
 def test_compile_aot_tables_failing_late_keeps_the_reparameterisation(monkeypatch):
     from peftops import aot
 
-    model = adapted(llama, "aot")
+    model = adapted(tiny_llama, "aot")
     before = fingerprint(model)
 
     def broken(self, tables):
@@ -514,9 +495,9 @@ def test_compile_aot_tables_failing_late_keeps_the_reparameterisation(monkeypatc
 
 
 def test_load_task_tables_checks_its_arguments_and_the_base_class(tmp_path):
-    _, a = _saved(tmp_path, llama, "aot", "a")
-    _, b = _saved(tmp_path, llama, "aot", "b")
-    target = llama()
+    _, a = _saved(tmp_path, tiny_llama, "aot", "a")
+    _, b = _saved(tmp_path, tiny_llama, "aot", "b")
+    target = tiny_llama()
     before = fingerprint(target)
     with pytest.raises(TypeError, match=r"^directories: .*\[directory\]"):
         peftops.load_task_tables(target, str(a))
@@ -528,7 +509,7 @@ def test_load_task_tables_checks_its_arguments_and_the_base_class(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^directory:"):
         peftops.load_task_tables(target, [a, b])
     assert_unchanged(target, before)
-    other = llama(transformers.LlamaForSequenceClassification)
+    other = tiny_llama(head=transformers.LlamaForSequenceClassification)
     with pytest.raises(ValueError, match=r"^model: the adapter"):
         peftops.load_task_tables(other, [a])
     assert not hasattr(other, "peftops_aot")
@@ -543,7 +524,7 @@ def _safe_cfg():
 
 
 def test_second_safe_on_one_model_is_refused_until_the_first_is_removed():
-    model = adapted(llama, "wegeft")
+    model = adapted(tiny_llama, "wegeft")
     first = SAFE(model, _safe_cfg())
     with pytest.raises(ValueError, match=r"^model: another SAFE"):
         SAFE(model, _safe_cfg())
@@ -555,7 +536,7 @@ def test_second_safe_on_one_model_is_refused_until_the_first_is_removed():
 
 
 def test_safe_steps_only_move_forward():
-    model = adapted(llama, "wegeft")
+    model = adapted(tiny_llama, "wegeft")
     safe = SAFE(model, _safe_cfg())
     safe.step(3)
     log = list(safe.log)
@@ -566,7 +547,7 @@ def test_safe_steps_only_move_forward():
 
 
 def test_safe_load_state_dict_is_parsed_before_anything_changes():
-    model = adapted(llama, "wegeft")
+    model = adapted(tiny_llama, "wegeft")
     safe = SAFE(model, _safe_cfg())
     name = safe.unit_names[0]
     with pytest.raises(ValueError, match=r"^state:"):

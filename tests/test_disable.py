@@ -8,7 +8,7 @@ import torch
 
 import peftops
 from peftops import AoTConfig, SIFTConfig, WeGeFTConfig
-from test_all_or_nothing import bert
+from helpers import tiny_bert
 
 IDS = torch.randint(0, 41, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -20,7 +20,7 @@ def logits(model):
 
 
 def trained(configs):
-    model = bert()
+    model = tiny_bert()
     for cfg in configs:
         peftops.apply(model, cfg)
     if any(isinstance(c, SIFTConfig) for c in configs):
@@ -44,7 +44,7 @@ CASES = {
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("case", CASES)
 def test_disable_gives_the_base_and_comes_back(case, merged):
-    base = logits(bert())
+    base = logits(tiny_bert())
     model = trained(CASES[case])
     adapted = logits(model)
     assert not torch.equal(adapted, base)
@@ -68,7 +68,7 @@ def test_disable_restores_after_an_error_and_refuses_bad_input():
             raise RuntimeError("boom")
     assert torch.equal(logits(model), adapted)
     with pytest.raises(ValueError, match=r"^model: no peftops adapter"):
-        with peftops.disable_adapters(bert()):
+        with peftops.disable_adapters(tiny_bert()):
             pass
     with pytest.raises(TypeError, match=r"^model:"):
         with peftops.disable_adapters("not a model"):

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import WIDE, tiny_batch, tiny_bert, train_steps
+
 pytest.importorskip("transformers")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
@@ -30,27 +32,13 @@ TOL = dict(atol=1e-6, rtol=1e-5)  # fp32: DDP's (g_a + g_b) / 2 vs the full-batc
 
 
 def _tiny_bert():
-    import transformers
-
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=37, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, num_labels=3)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return tiny_bert(**WIDE["bert"])
 
 
 def _global_batches():
     """STEPS batches of GLOBAL_BATCH sequences (one padded row per half) plus the calibration batch."""
     g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(STEPS + 1):
-        ids = torch.randint(1, 50, (GLOBAL_BATCH, 7), generator=g)
-        mask = torch.ones(GLOBAL_BATCH, 7, dtype=torch.long)
-        mask[1, 5:] = 0
-        mask[2, 4:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask,
-                    "labels": torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)})
+    out = [tiny_batch("bert", GLOBAL_BATCH, 7, vocab=50, pad={1: 5, 2: 4}, generator=g) for _ in range(STEPS + 1)]
     return out[:STEPS], out[STEPS]
 
 
@@ -85,17 +73,6 @@ def _optimizer(method, model):
         # SIFT's global optimizer post-step hook, which must work on the DDP-wrapped model too
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, fused=True)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, foreach=False)
-
-
-def _train(step_fn, opt, batches):
-    losses = []
-    for batch in batches:
-        loss = step_fn(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    return torch.stack(losses)
 
 
 def _dense_count(model):
@@ -138,7 +115,7 @@ def _worker(rank, method, port, out_dir):
             half = GLOBAL_BATCH // WORLD
             shards = [{k: v[rank * half:(rank + 1) * half] for k, v in b.items()} for b in batches]
             opt = _optimizer(method, model)
-            losses = _train(ddp, opt, shards)
+            losses = train_steps(ddp, opt, shards)
             # the parameters DDP holds and synchronises: everything requiring grad in the wrapped module
             trainable = sum(p.numel() for p in ddp.module.parameters() if p.requires_grad)
             if method.startswith("sift"):
@@ -170,7 +147,7 @@ def test_ddp_two_ranks_matches_single_process_full_batch(method, tmp_path):
         batches, calib = _global_batches()
         model = _build(method, calib)
         opt = _optimizer(method, model)
-        losses = _train(model, opt, batches)
+        losses = train_steps(model, opt, batches)
         single = peftops.adapter_state_dict(model)
 
     # DDP keeps the replicas identical: both ranks hold bit-equal adapters

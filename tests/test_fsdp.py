@@ -37,6 +37,8 @@ try:
 except ImportError:  # pragma: no cover
     pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not available in this torch", allow_module_level=True)
 
+from helpers import tiny_batch, tiny_llama, train_steps  # noqa: E402
+
 WORLD = 2
 STEPS = 3
 LR = 1e-2
@@ -47,22 +49,13 @@ FAILING = ["wegeft-shared", "sift-sharded"]  # last: they raise inside a forward
 
 
 def _tiny_llama():
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2, intermediate_size=37, max_position_embeddings=32,
-                                   tie_word_embeddings=False)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(vocab=50, hidden=32, heads=2, intermediate=37, max_positions=32, pad_token_id=None,
+                      tie_word_embeddings=False, train=True)
 
 
 def _global_batches():
     g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(STEPS + 1):
-        ids = torch.randint(1, 50, (GLOBAL_BATCH, 7), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
+    out = [tiny_batch("llama", GLOBAL_BATCH, 7, vocab=50, low=1, generator=g) for _ in range(STEPS + 1)]
     return out[:STEPS], out[STEPS]
 
 
@@ -164,7 +157,6 @@ class _CommCounter:
 
 
 def _run_case(case, rank):
-    import peftops
     from torch.distributed.tensor import DTensor
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -234,14 +226,8 @@ def _single_process(case):
         batches, calib = _global_batches()
         model = _build(case, calib)
         opt = _optimizer(case, model)
-        losses = []
-        for batch in batches:
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        return model, {k: v.detach().clone() for k, v in _adapter(case, model).items()}, torch.stack(losses)
+        losses = train_steps(model, opt, batches)
+        return model, {k: v.detach().clone() for k, v in _adapter(case, model).items()}, losses
 
 
 @pytest.mark.parametrize("case", WORKING)

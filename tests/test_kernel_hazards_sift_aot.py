@@ -421,7 +421,8 @@ def test_sddmm_partial_is_bitwise_the_same_for_every_autotune_config(dtype):
     group_rows = S._sddmm_group_rows()
     e_row, e_col, e_pos, group_start = S._sddmm_plan(rows, cols, d_out, d_in, group_rows)
     block_t, n_split = 8, 2
-    t_split = -(-(-(-T // n_split)) // block_t) * block_t
+    per_split = -(-T // n_split)  # ceil(T / n_split), rounded up to whole tiles
+    t_split = -(-per_split // block_t) * block_t
     results = []
     for cfg in S._SDDMM_CONFIGS:
         partial = poisoned((n_split, k), torch.float32)

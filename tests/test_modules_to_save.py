@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import peftops
-from helpers import force_backend
+from helpers import tiny_bert, tiny_llama
 from peftops import AoTConfig, SIFTConfig, WeGeFTConfig
 from peftops import model as pm
 from peftops.sift import sift_calibrate
-from test_all_or_nothing import bert, fingerprint, assert_unchanged, llama
+from test_all_or_nothing import assert_unchanged, fingerprint
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,10 +18,7 @@ CONFIGS = {"sift": lambda **k: SIFTConfig(density=0.05, **k), "wegeft": lambda *
            "aot": lambda **k: AoTConfig(reparam="kron", rank=2, **k)}
 
 
-@pytest.fixture(autouse=True)
-def _reference():
-    with force_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def _train(model, steps=3):
@@ -37,7 +34,7 @@ def _train(model, steps=3):
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_the_head_trains_and_a_reload_equals_the_trained_model(tmp_path, method):
-    model = bert()
+    model = tiny_bert()
     head0 = model.classifier.weight.detach().clone()
     cfg = CONFIGS[method]()
     peftops.apply(model, cfg)
@@ -50,14 +47,14 @@ def test_the_head_trains_and_a_reload_equals_the_trained_model(tmp_path, method)
     with torch.no_grad():
         trained = model(input_ids=IDS).logits
     peftops.save_adapter(model, tmp_path)
-    fresh = peftops.load_adapter(bert(), tmp_path)
+    fresh = peftops.load_adapter(tiny_bert(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=IDS).logits, trained, atol=0, rtol=0)
     assert fresh.classifier.weight.requires_grad
 
 
 def test_opting_out_keeps_the_head_frozen_and_unsaved(tmp_path):
-    model = bert()
+    model = tiny_bert()
     peftops.apply(model, WeGeFTConfig(r=2, modules_to_save=[]))
     assert not model.classifier.weight.requires_grad
     peftops.save_adapter(model, tmp_path)
@@ -66,11 +63,11 @@ def test_opting_out_keeps_the_head_frozen_and_unsaved(tmp_path):
 
 
 def test_no_head_is_inferred_for_a_causal_lm_and_names_are_checked():
-    model = llama()
+    model = tiny_llama()
     cfg = WeGeFTConfig(r=2)
     peftops.apply(model, cfg)
     assert cfg.modules_to_save == [] and not model.lm_head.weight.requires_grad
-    model = bert()
+    model = tiny_bert()
     before = fingerprint(model)
     with pytest.raises(ValueError, match=r"^modules_to_save: no module"):
         peftops.apply(model, WeGeFTConfig(r=2, modules_to_save=["head_that_is_not_there"]))
@@ -82,7 +79,7 @@ def test_no_head_is_inferred_for_a_causal_lm_and_names_are_checked():
     peftops.apply(model, SIFTConfig(modules_to_save=["layer.0.attention.self.query"]))
     assert type(model.get_submodule(query)) is torch.nn.Linear and model.get_submodule(query).weight.requires_grad
     # ... but one another method already adapted cannot be trained in full as well
-    model = bert()
+    model = tiny_bert()
     peftops.apply(model, WeGeFTConfig(r=2))
     before = fingerprint(model)
     with pytest.raises(ValueError, match=rf"^modules_to_save: '{query}' holds"):
@@ -92,7 +89,7 @@ def test_no_head_is_inferred_for_a_causal_lm_and_names_are_checked():
 
 
 def test_a_second_method_keeps_the_head_trainable():
-    model = bert()
+    model = tiny_bert()
     peftops.apply(model, AoTConfig(reparam="kron", rank=2))
     peftops.apply(model, WeGeFTConfig(r=2, modules_to_save=[]))
     assert model.classifier.weight.requires_grad
@@ -100,10 +97,10 @@ def test_a_second_method_keeps_the_head_trainable():
 
 
 def test_a_head_of_another_shape_is_refused_on_load(tmp_path):
-    model = bert()
+    model = tiny_bert()
     peftops.apply(model, WeGeFTConfig(r=2))
     peftops.save_adapter(model, tmp_path)
-    other = bert()
+    other = tiny_bert()
     other.classifier = torch.nn.Linear(other.classifier.in_features, 5)
     before = fingerprint(other)
     with pytest.raises(ValueError, match=r"^state: tensor 'classifier.weight' has shape \[3, 24\]"):

@@ -95,7 +95,7 @@ WHICH = [pytest.param(0, id="first"), pytest.param(-1, id="last")]  # every tens
 
 
 def _nan_inf_error(key):
-    return rf"adapter_model\.safetensors: tensor {re.escape(repr(key))} holds NaN/Inf values$"
+    return rf"^directory: .*/peftops_adapter\.safetensors: tensor {re.escape(repr(key))} holds NaN/Inf values$"
 
 
 @pytest.mark.parametrize("which", WHICH)
@@ -116,7 +116,7 @@ def test_load_adapter_nan_inf_leaves_the_model_unchanged(tmp_path, bad, dtype):
     out, _ = _poisoned_adapter(tmp_path, dtype, bad, -1)
     for model in (_Tiny(dtype), _adapted(dtype, seed=2)):
         before = _fingerprint(model)
-        with force_backend("reference"), pytest.raises(ValueError, match="holds NaN/Inf"):
+        with force_backend("reference"), pytest.raises(ValueError, match=r"^directory: .* holds NaN/Inf values$"):
             peftops.load_adapter(model, out)
         _assert_same(before, _fingerprint(model))
 

@@ -18,9 +18,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 import peftops  # noqa: E402
 from peftops import model as pm  # noqa: E402
-from test_all_or_nothing import IDS, adapted, assert_unchanged, fingerprint, llama  # noqa: E402
+from test_all_or_nothing import IDS, adapted, assert_unchanged, fingerprint  # noqa: E402
 
-from helpers import force_backend  # noqa: E402
+from helpers import force_backend, tiny_llama  # noqa: E402
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -29,10 +29,7 @@ PEFTOPS_ERRORS = (ValueError, TypeError, IndexError, KeyError, FileNotFoundError
 METHODS = ["sift", "wegeft", "aot"]
 
 
-@pytest.fixture(autouse=True)
-def _reference():
-    with force_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,7 @@ def saved(tmp_path_factory):
     out = {}
     with force_backend("reference"):
         for m in METHODS:
-            model = adapted(llama, m)
+            model = adapted(tiny_llama, m)
             peftops.save_adapter(model, root / m)
             with torch.no_grad():
                 out[m] = (root / m, model(torch.tensor([[1, 2, 3]])).logits)
@@ -135,7 +132,7 @@ def test_corrupted_adapter_folder(saved, tmp_path_factory, method, edit, pick, j
                                for k, v in state.items()}
     if edit not in ("truncate_json",):
         json.dump(meta, open(cfg, "w"))
-    model = llama()
+    model = tiny_llama()
     before = fingerprint(model)
     try:
         peftops.load_adapter(model, path)
@@ -200,7 +197,7 @@ def _op(model, op, where):
 def test_call_orders(tmp_path_factory, ops):
     """Any order of model-level calls: each either works or raises a named error and changes
     nothing; a merge keeps the outputs, an unmerge brings them back."""
-    model = llama()
+    model = tiny_llama()
     where = tmp_path_factory.mktemp("orders") / "a"
     for op in ops:
         before = fingerprint(model)

@@ -17,7 +17,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from helpers import TOL, assert_close, device_backend_params, force_backend  # noqa: E402
+from helpers import TOL, assert_close, device_backend_params, force_backend, poisoned  # noqa: E402
 from peftops.kernels.wegeft import dropout_keep_mask, dropout_keep_scale  # noqa: E402
 from peftops.sift import SIFTConfig, SIFTLinear, SparseAdamW, sift_k, sift_linear, sift_select  # noqa: E402
 from peftops.wegeft import WeGeFTConfig, WeGeFTLinear, wegeft_linear  # noqa: E402
@@ -46,8 +46,11 @@ def _acc(dtype):
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values as ``t`` in a contiguous, strided ([..., ::2]) or transposed layout."""
     if layout == "strided" and t.dim() >= 1:
-        fill = float("nan") if t.dtype.is_floating_point else -1  # the gaps must never be read
-        buf = torch.full((*t.shape[:-1], 2 * t.shape[-1]), fill, dtype=t.dtype, device=t.device)
+        shape = (*t.shape[:-1], 2 * t.shape[-1])  # the gaps must never be read: NaN, or -1 between indices
+        if t.dtype.is_floating_point:
+            buf = poisoned(shape, t.dtype, t.device)
+        else:
+            buf = torch.full(shape, -1, dtype=t.dtype, device=t.device)
         buf[..., ::2] = t
         return buf[..., ::2]
     if layout == "transposed" and t.dim() >= 2:

@@ -107,7 +107,6 @@ def test_sift_linear_matches_dense(device, backend, dtype, lead, d_out, d_in):
     # float64 reference on the same rounded inputs
     w64 = _eff_weight64(weight, idx, values)
     x64 = x.detach().double().requires_grad_()
-    v64 = values.detach().double().requires_grad_()
     b64 = bias.detach().double().requires_grad_()
     w_dense = w64.clone().requires_grad_()
     y64 = x64 @ w_dense.T + b64

@@ -117,7 +117,7 @@ def test_topk_sampled_fast_path(device, dtype, k):
     scores = (torch.randn(n) * torch.rand(n) ** 4).to(dtype).to(device)  # heavy-tailed, some ties in fp16/bf16
     rank, cap = K._sample_plan(n, k, 64)
     assert rank > 0
-    out = poisoned((k,), torch.float64, device).view(torch.int64)  # NaN bits: unwritten slots stay huge
+    out = poisoned((k,), torch.int64, device)  # NaN bits: unwritten slots stay huge
     out, n_cand, n_nonfinite = K._topk_pipeline(scores, k, rank, cap, 64, out)
     assert n_nonfinite == 0 and k <= n_cand <= cap and n_cand < n  # the sampled bound filtered
     assert torch.equal(out.cpu(), topk_oracle(scores, k))
@@ -148,7 +148,7 @@ def test_topk_reruns_when_the_sampled_bound_fails(device, monkeypatch):
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_topk_writes_every_output(device):
     scores = torch.randn(9, 31, device=device)
-    out = poisoned((50,), torch.float64, device).view(torch.int64)
+    out = poisoned((50,), torch.int64, device)
     with force_backend("triton"):
         got = K._topk_abs_select_triton(scores, 50, out=out)
     assert torch.equal(got.cpu(), topk_oracle(scores, 50))

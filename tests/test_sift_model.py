@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftops
-from helpers import device_backend_params, force_backend
+from helpers import WIDE, device_backend_params, force_backend, tiny_batch, tiny_llama, tiny_model
 from peftops.sift import (BERT_TARGETS, LLAMA_TARGETS, SIFTConfig, SparseAdamW, sift_calibrate, sift_k,
                           sift_layers)
 
@@ -47,41 +47,19 @@ def _reference_unless_parametrized(request):
             yield
 
 
-def _tiny_bert(seed=0, hidden=32, layers=2):
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                                  intermediate_size=37, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, num_labels=3)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(cfg).eval()
-
-
-def _tiny_llama(seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
+def _tiny(kind):
+    return tiny_model(kind, **WIDE[kind])
 
 
 def _batches(kind, n, device, seed=1):
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        if kind == "bert":
-            ids = torch.randint(1, 50, (3, 7), generator=g)
-            mask = torch.ones(3, 7, dtype=torch.long)
-            mask[1, 5:] = 0
-            out.append({"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                        "labels": torch.randint(0, 3, (3,), generator=g).to(device)})
-        else:
-            ids = torch.randint(0, 64, (2, 9), generator=g)
-            out.append({"input_ids": ids.to(device), "labels": ids.to(device)})
-    return out
+    if kind == "bert":
+        return [tiny_batch("bert", 3, 7, vocab=50, pad={1: 5}, generator=g, device=device) for _ in range(n)]
+    return [tiny_batch("llama", 2, 9, vocab=64, generator=g, device=device) for _ in range(n)]
 
 
 def _build(kind, dtype, device):
-    model = _tiny_bert() if kind == "bert" else _tiny_llama()
+    model = _tiny(kind)
     return model.to(device=device, dtype=dtype)
 
 
@@ -196,7 +174,7 @@ def test_plain_adamw_on_delta_matches_sparse_adamw(kind):
         torch.testing.assert_close(la, lb, atol=0, rtol=0)
     with torch.no_grad():
         model_b(**batches[0])  # plain AdamW changed δ only: the layers rewrite W at this forward
-    for (n, a), (_, b) in zip(sift_layers(model_a), sift_layers(model_b)):
+    for (_, a), (_, b) in zip(sift_layers(model_a), sift_layers(model_b)):
         torch.testing.assert_close(a.delta, b.delta, atol=0, rtol=0)
         torch.testing.assert_close(a.weight, b.weight, atol=0, rtol=0)
 
@@ -225,7 +203,7 @@ def test_save_load_merge_unmerge(kind, tmp_path):
     layers = dict(sift_layers(model))
     heads = {f"modules::classifier.{f}" for f in ("weight", "bias")} if kind == "bert" else set()  # the new head
     assert set(state) == {f"sift::{n}.{f}" for n in layers for f in ("indices", "delta", "weight_shape")} | heads
-    for n, layer in layers.items():
+    for n in layers:
         assert state[f"sift::{n}.indices"].dtype == torch.int64 and state[f"sift::{n}.delta"].dtype == torch.float32
 
     fresh = copy.deepcopy(base)
@@ -266,7 +244,7 @@ def test_bfloat16_model_unmerge_bit_exact_and_small_updates_survive():
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad()
-    for n, layer in sift_layers(model):
+    for _, layer in sift_layers(model):
         assert layer.delta.dtype == torch.float32 and layer.delta.abs().max() > 0
         assert torch.equal(layer.weight.view(-1)[layer.indices], (layer.w0_sel + layer.delta).to(torch.bfloat16))
     peftops.unmerge(model)
@@ -329,7 +307,7 @@ def test_bad_adapter_files(tmp_path):
     for label, fn, match in [("unsorted", swap_first_two, "ascending"), ("range", out_of_range, "outside"),
                              ("length", shorter_delta, "entries"), ("dtype", float_indices, "int64"),
                              ("missing", drop_module, "no tensors"), ("extra", extra_module, "has no SIFT layer")]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=rf"^state: .*{match}"):
             peftops.load_adapter(copy.deepcopy(base), case(label, fn))
 
     corrupt = tmp_path / "corrupt"
@@ -338,30 +316,26 @@ def test_bad_adapter_files(tmp_path):
         (corrupt / f).write_bytes((tmp_path / "good" / f).read_bytes())
     raw = (corrupt / "peftops_adapter.safetensors").read_bytes()
     (corrupt / "peftops_adapter.safetensors").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ValueError, match="corrupted"):
+    with pytest.raises(ValueError, match=r"^directory: .*: corrupted or unreadable safetensors file"):
         peftops.load_adapter(copy.deepcopy(base), corrupt)
 
     # same architecture, other sizes / depth: the adapter does not fit
-    wider = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32))
-    with pytest.raises(ValueError, match="outside|entries"):
+    wider = tiny_llama(**{**WIDE["llama"], "hidden": 16, "intermediate": 24})
+    with pytest.raises(ValueError, match=r"^state: .*(outside|entries)"):
         peftops.load_adapter(wider, tmp_path / "good")
-    deeper = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32))
-    with pytest.raises(ValueError, match="no tensors"):
+    deeper = tiny_llama(**WIDE["llama"], layers=3)
+    with pytest.raises(ValueError, match=r"^state: the adapter has no tensors"):
         peftops.load_adapter(deeper, tmp_path / "good")
-    with pytest.raises(ValueError, match="target_modules"):
-        peftops.load_adapter(_tiny_bert(), tmp_path / "good")  # Llama projection names on a BERT
+    with pytest.raises(ValueError, match=r"^target_modules: no nn.Linear in BertForSequenceClassification"):
+        peftops.load_adapter(_tiny("bert"), tmp_path / "good")  # Llama projection names on a BERT
 
 
 def test_config_and_apply():
-    with pytest.raises(ValueError, match="density"):
+    with pytest.raises(ValueError, match=r"^density: expected"):
         SIFTConfig(density=0.0).validate()
-    with pytest.raises(ValueError, match="calib_batches"):
+    with pytest.raises(ValueError, match=r"^calib_batches: expected"):
         SIFTConfig(calib_batches=0).validate()
-    bert = peftops.apply(_tiny_bert(), SIFTConfig())
+    bert = peftops.apply(_tiny("bert"), SIFTConfig())
     names = [n for n, _ in sift_layers(bert)]
     assert len(names) == 8 and all(n.endswith(("query", "key", "value", "attention.output.dense")) for n in names)
     assert bert._peftops_configs[0].target_modules == BERT_TARGETS
@@ -369,24 +343,24 @@ def test_config_and_apply():
     # the deltas, and the classifier's new head (modules_to_save, inferred for *ForSequenceClassification)
     assert trainable and all(n.endswith(".delta") or n.startswith("classifier.") for n in trainable)
     assert {n for n in trainable if n.startswith("classifier.")} == {"classifier.weight", "classifier.bias"}
-    llama = peftops.apply(_tiny_llama(), SIFTConfig(target_modules=["q_proj", "v_proj"], density=0.5))
+    llama = peftops.apply(_tiny("llama"), SIFTConfig(target_modules=["q_proj", "v_proj"], density=0.5))
     assert len(sift_layers(llama)) == 4 and all(m.density == 0.5 for _, m in sift_layers(llama))
-    with pytest.raises(ValueError, match="target_modules"):
-        peftops.apply(_tiny_llama(), SIFTConfig(target_modules=["nope"]))
-    with pytest.raises(ValueError, match="calibrate"):
+    with pytest.raises(ValueError, match=r"^target_modules: no nn.Linear in LlamaForCausalLM matches"):
+        peftops.apply(_tiny("llama"), SIFTConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match=r"^model: SIFT layer .* has no index set yet; run sift_calibrate"):
         peftops.save_adapter(llama, "/nonexistent/never-written")
     # before calibration a training forward asks for it; inference runs the base model
     batch = _batches("llama", 1, "cpu")[0]
     with pytest.raises(RuntimeError, match="sift_calibrate"):
         llama(**batch)
     with torch.no_grad():
-        torch.testing.assert_close(llama(**batch).logits, _tiny_llama()(**batch).logits, atol=0, rtol=0)
+        torch.testing.assert_close(llama(**batch).logits, _tiny("llama")(**batch).logits, atol=0, rtol=0)
     # calib_batches comes from the config when not given
-    cfg_model = peftops.apply(_tiny_llama(), SIFTConfig(calib_batches=2, density=0.1))
-    with pytest.raises(ValueError, match="calib_batches=2"):
+    cfg_model = peftops.apply(_tiny("llama"), SIFTConfig(calib_batches=2, density=0.1))
+    with pytest.raises(ValueError, match=r"^batches: calib_batches=2 but only 1"):
         sift_calibrate(cfg_model, _batches("llama", 1, "cpu"), progress=False)
     sift_calibrate(cfg_model, _batches("llama", 2, "cpu"), progress=False)
-    for n, layer in sift_layers(cfg_model):
+    for _, layer in sift_layers(cfg_model):
         assert layer.k == sift_k(layer.weight.numel(), 0.1)
 
 
@@ -395,7 +369,7 @@ def test_trainer_callback_calibrates_at_train_begin(tmp_path):
     moves only the selected entries."""
     from peftops.sift import SIFTCalibrationCallback
 
-    model = _tiny_bert()
+    model = _tiny("bert")
     base = copy.deepcopy(model)
     peftops.apply(model, SIFTConfig(density=DENSITY))
     data = [{k: v[i] for k, v in b.items()} for b in _batches("bert", 2, "cpu") for i in range(3)]

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from helpers import TOL, assert_close, device_backend_params, force_backend
-from peftops.kernels import wegeft as K
+from helpers import TOL, assert_close, device_backend_params, force_backend, poison_fresh_buffers
 from peftops.wegeft import wegeft_linear
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(K, "_POISON_OUTPUTS", True)
+    """Fresh buffers start as NaN, so an output element a kernel fails to write shows up."""
+    poison_fresh_buffers(monkeypatch)
 
 
 def _leaves(t, d_in, d_out, r, dtype, device, lead=(), seed=0):
@@ -36,10 +36,10 @@ def test_gradcheck_fp64(device, backend):
     with force_backend(backend):
         for path in _paths(backend):
             assert torch.autograd.gradcheck(
-                lambda x, b, phi, psi: wegeft_linear(x, w, b, phi, psi, 0.8, path=path), (x, b, phi, psi))
+                lambda x, b, phi, psi, path=path: wegeft_linear(x, w, b, phi, psi, 0.8, path=path), (x, b, phi, psi))
             # dropout with a fixed seed is a deterministic function of the inputs
             assert torch.autograd.gradcheck(
-                lambda x, b, phi, psi: wegeft_linear(x, w, b, phi, psi, 0.8, path=path, dropout_p=0.3, dropout_seed=11),
+                lambda x, b, phi, psi, path=path: wegeft_linear(x, w, b, phi, psi, 0.8, path=path, dropout_p=0.3, dropout_seed=11),
                 (x, b, phi, psi), fast_mode=True)
 
 
@@ -98,13 +98,13 @@ def test_saves_only_what_the_needed_gradients_read(device, backend):
 
 def test_frozen_weight_required():
     x, w, b, phi, psi = _leaves(3, 4, 5, 2, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="weight: WeGeFT keeps the base weight frozen"):
+    with pytest.raises(ValueError, match=r"^weight: WeGeFT keeps the base weight frozen"):
         wegeft_linear(x, w.detach().requires_grad_(), b, phi, psi, 1.0)
     with torch.no_grad():
         wegeft_linear(x, w.detach().requires_grad_(), b, phi, psi, 1.0)  # fine without autograd
-    with pytest.raises(ValueError, match="psi: rank mismatch"):
+    with pytest.raises(ValueError, match=r"^psi: rank mismatch"):
         wegeft_linear(x, w, b, phi, psi[:1], 1.0)
-    with pytest.raises(TypeError, match="x: dtype"):
+    with pytest.raises(TypeError, match=r"^x: dtype"):
         wegeft_linear(x.double(), w, b, phi, psi, 1.0)
 
 
