@@ -674,7 +674,8 @@ def phase_bench(run: Run, ph: Phase, deadline: float) -> None:
 
     import torch
 
-    from .harness import FAMILIES, Policy, format_table, load_cases, measure_roofline, plot, run_case, to_json
+    from .harness import (FAMILIES, Policy, case_model_dict, format_table, load_cases, measure_roofline, plot, run_case,
+                          to_json)
 
     device = run.device
     modules = None  # --bench-only sift.topk loads bench/sift.py only (building every family's cases takes a while)
@@ -741,7 +742,7 @@ def phase_bench(run: Run, ph: Phase, deadline: float) -> None:
         rows = []
         for i, c in enumerate(cases):
             row = rows_by_index.get(i) or {"name": c.name, "shape": c.shape, "times_us": {}, "sweep": c.sweep,
-                                           "note": c.note}
+                                           "note": c.note, "model": case_model_dict(c)}
             row.update(status.get(i, {"status": "not run: interrupted"}))
             row["family"] = c.name.split(".")[0]
             row["order"] = order.index(i)
@@ -900,8 +901,14 @@ def _bench_status(row: dict[str, Any]) -> str:
     return f"{row['status']}: {errs[:100]}" if errs else row["status"]
 
 
+def _model_us(row: dict[str, Any], device: str) -> float | None:
+    """The model's predicted us of a bench row on ``device`` (also for rows that did not run)."""
+    return row.get("model_predicted_us") or ((row.get("model") or {}).get(device) or {}).get("predicted_us")
+
+
 def summary_markdown(doc: dict[str, Any]) -> str:
     env = doc.get("environment") or {}
+    run_device = "h200" if "H200" in str(env.get("device", "")).upper() else "h100"
     L = [f"# peftops GPU run: {env.get('device', '?')}", ""]
     L.append(f"status **{doc['status']}** (exit {doc['exit_code']}), {doc['budget_used_s']:.0f} s of "
              f"{doc['budget_s']:.0f} s budget; commit {env.get('commit') or '?'}{' (dirty)' if env.get('dirty') else ''} "
@@ -977,15 +984,17 @@ def summary_markdown(doc: dict[str, Any]) -> str:
         L += ["times: median us per call over interleaved rounds; speedup: median paired ratio, shown only for "
               "stable rows (UNSTABLE rows claim none; the reason is in the flag column and every sample in "
               "gpu_run.json)", ""]
+        L += ["model us: the performance model's prediction for the peftops path on this GPU (H200 if it is "
+              "one, else H100; docs/perf-model.md), an estimate; meas/model = measured / predicted", ""]
         L += _table(["case", "shape", "status", "rounds", "reference us", "compiled us", "peftops us", "speedup",
-                     "95% CI", "vs compiled", "% roofline", "flag"],
+                     "95% CI", "vs compiled", "% roofline", "model us", "meas/model", "flag"],
                     [[r["name"], r["shape"], _bench_status(r), r.get("rounds", "-"),
                       _f(r["times_us"].get("reference")), _f(r["times_us"].get("compiled")),
                       _f(r["times_us"].get("peftops")),
                       _f(r.get("speedup_vs_reference"), ".2f", "x") if r.get("stable") is not False else "UNSTABLE",
                       _ci(r.get("ratio_vs_reference_ci")),
                       _f(r.get("speedup_vs_compiled"), ".2f", "x"), _f(r.get("percent_of_roofline"), ".0f", "%"),
-                      _flag(r)]
+                      _f(_model_us(r, run_device)), _f(r.get("measured_over_model"), ".2f"), _flag(r)]
                      for r in bench.get("rows", [])])
         if bench.get("plot"):
             L += ["", f"![sweeps]({bench['plot']})"]

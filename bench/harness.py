@@ -5,6 +5,9 @@ A family module (bench/<family>.py) defines ``cases(device, quick) -> list[Case]
 its inputs once (``make``), then each path is a callable taking those inputs.
 ``bytes`` and ``flops`` are the minimum the op must move / compute; with the measured copy
 bandwidth and GEMM rate they give the roofline floor and the % of it reached (GPU only).
+``model`` is the performance model's estimate of the peftops path (kernels/_perf_model.py,
+docs/perf-model.md: floors on H100 / H200, structural bound, prediction); ``case_model`` derives one
+for a case that sets none. A GPU table prints it next to the measured time; ``--predict`` prints it alone.
 
 Measuring (``measure``, ``Policy``): the paths of a case are interleaved, one sample of each per round in
 a rotated order, so background load hits them alike; rounds go on until the spread is small or the
@@ -20,6 +23,7 @@ import gc
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -45,6 +49,7 @@ class Case:
     sweep: tuple[str, float] | None = None     # (swept parameter, its value) for scaling plots
     measure_memory: bool = False               # record peak memory of each path
     note: str = ""
+    model: Any = None                          # kernels._perf_model.Estimate of the peftops path (else derived)
 
 
 @dataclasses.dataclass
@@ -67,6 +72,7 @@ class Result:
     stop: str = ""                             # converged | budget | max rounds | once | failed
     measure_s: float = 0.0                     # wall time of the timed rounds
     policy: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: dict[str, Any] | None = None        # the performance model's figures (Estimate.to_dict), H100 and H200
 
     def ratio(self, base: str = "reference") -> float | None:
         """Median of the paired base/peftops ratios, whatever its stability (None if not measured)."""
@@ -363,6 +369,131 @@ def floor_us(res: Result, roof: dict[str, float]) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# the performance model's figures (kernels/_perf_model.py, docs/perf-model.md)
+# ----------------------------------------------------------------------------------------------
+MODEL_DEVICES = ("h100", "h200")
+_ELEM_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float32": 4, "fp32": 4, "float64": 8, "fp64": 8}
+
+
+def _elem_bytes(shape: str) -> int | None:
+    return next((_ELEM_BYTES[t] for t in re.split(r"[\s()]+", shape) if t in _ELEM_BYTES), None)
+
+
+def _aot_model(case: Case):
+    from peftops.kernels import _perf_model as PM
+
+    m = re.match(r"(\d+)x(\d+) (\w+) V=(\d+)( zipf\(([\d.]+)\))?", case.shape)
+    if not m or _elem_bytes(case.shape) is None:
+        return None
+    n, d, e, vocab = int(m.group(1)), int(m.group(2)), _elem_bytes(case.shape), int(m.group(4))
+    if case.name.startswith("aot.gather_add"):
+        return PM.gather_add(n, d, e)
+    if case.name.startswith("aot.table_backward") and m.group(5):
+        from . import aot as aot_bench
+
+        zipf = getattr(aot_bench, "_zipf_ids", None)
+        if zipf is None:
+            return None
+        counts = torch.unique(zipf(n, vocab, "cpu"), return_counts=True)[1].tolist()
+        return PM.segment_sum(counts, d, e)
+    return None
+
+
+def _wegeft_model(case: Case):
+    from peftops.kernels import _perf_model as PM
+
+    m = re.match(r"(\d+)x(\d+) r=(\d+)", case.shape)
+    e = _elem_bytes(case.shape)
+    if not (case.name.startswith("wegeft.merge") and m and e):
+        return None
+    d_out, d_in, r = (int(g) for g in m.groups())
+    return PM.wegeft_generate(d_out, d_in, r, e, splits=PM.generate_splits(d_out, d_in, r, e))
+
+
+_FAMILY_MODELS = {"aot": _aot_model, "wegeft": _wegeft_model}
+
+
+def case_model(case: Case):
+    """The case's ``model`` if it set one; else the family's model read off its name and shape (aot,
+    wegeft: their bench modules set none); else a floor from its bytes / flops; None without either."""
+    from peftops.kernels import _perf_model as PM
+
+    if case.model is not None:
+        return case.model
+    derive = _FAMILY_MODELS.get(case.name.split(".")[0])
+    est = derive(case) if derive else None
+    if est is None and (case.bytes or case.flops):
+        unit = {2: "tensor16", 4: "fp32", 8: "tensor64"}.get(_elem_bytes(case.shape) or 2)
+        est = PM.floor_only(case.name, case.bytes, case.flops, unit)
+    return est
+
+
+def case_model_dict(case: Case) -> dict[str, Any] | None:
+    est = case_model(case)
+    return est.to_dict(MODEL_DEVICES) if est is not None else None
+
+
+def model_device(name: str | None) -> str:
+    """The model's device for a GPU named ``name``: h200 for an H200, else h100 (the default)."""
+    return "h200" if name and "H200" in name.upper() else "h100"
+
+
+def _run_model_device() -> str:
+    return model_device(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def measured_over_model(r: Result, device: str | None = None) -> float | None:
+    """Measured peftops time / the model's prediction on ``device`` (None without either)."""
+    pred = ((r.model or {}).get(device or _run_model_device()) or {}).get("predicted_us")
+    ours = r.times_us.get("peftops")
+    return ours / pred if pred and _finite(ours) and r.device_type == "cuda" else None
+
+
+def _si(v: float, unit: str) -> str:
+    for scale, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {p}{unit}"
+    return f"{v:.3g} {unit}"
+
+
+_PREDICT_HEAD = ["op", "shape", "HBM bytes", "flops (unit)", "floor H100 us", "floor H200 us", "structural H100 us",
+                 "predicted H100 us", "predicted H200 us", "bound (H100)"]
+
+
+def prediction_rows(cases: list[Case]) -> list[list[str]]:
+    """One row per case with a model: _PREDICT_HEAD's columns (the model's figures alone: no GPU needed)."""
+    rows = []
+    for c in cases:
+        m = case_model_dict(c)
+        if m is None:
+            rows.append([c.name, c.shape, "-", "-", "-", "-", "-", "-", "-", "no model (no bytes / flops)"])
+            continue
+        h100, h200 = m["h100"], m["h200"]
+        rows.append([c.name, c.shape, _si(m["bytes"], "B"), f"{_si(m['flops'], 'F')} ({m['unit']})" if m["flops"] else "-",
+                     _us(h100["floor_us"]), _us(h200["floor_us"]), _us(h100["structural_us"]),
+                     _us(h100["predicted_us"]), _us(h200["predicted_us"]), h100["bound"]])
+    return rows
+
+
+def format_predictions(cases: list[Case]) -> str:
+    rows = [_PREDICT_HEAD] + prediction_rows(cases)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(_PREDICT_HEAD))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("model figures only (kernels/_perf_model.py, docs/perf-model.md): estimates from datasheet peaks and "
+                 "stated latencies, not measurements; floor = max(bytes / HBM, flops / peak) at peak, predicted = "
+                 "max(floor at achievable efficiency, structural bound) + launch gaps, summed over launches")
+    return "\n".join(lines)
+
+
+def predictions_markdown(cases: list[Case]) -> str:
+    rows = prediction_rows(cases)
+    md = ["| " + " | ".join(_PREDICT_HEAD) + " |", "|" + "---|" * len(_PREDICT_HEAD)]
+    md += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+    return "\n".join(md)
+
+
+# ----------------------------------------------------------------------------------------------
 # running
 # ----------------------------------------------------------------------------------------------
 def load_cases(device: torch.device, quick: bool, families: list[str] | None = None) -> list[Case]:
@@ -413,7 +544,7 @@ def run_case(case: Case, device: torch.device, *, once: bool = False, compile_re
     return Result(case.name, case.shape, times, peaks, case.bytes, case.flops, case.sweep, case.note, errors,
                   device_type=device.type, samples_us=m["samples"], stats=m["stats"], comparisons=m["comparisons"],
                   rounds=m["rounds"], inner_reps=m["inner_reps"], stop=m["stop"], measure_s=m["measure_s"],
-                  policy={**dataclasses.asdict(policy), "once": once})
+                  policy={**dataclasses.asdict(policy), "once": once}, model=case_model_dict(case))
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -480,8 +611,9 @@ def format_table(results: list[Result], roof: dict[str, float]) -> str:
         head += ["speedup", "95% CI"]
     if "compiled" in paths and "peftops" in paths:
         head += ["vs compiled", "95% CI "]
+    model_dev = _run_model_device() if roofline else None
     if roofline:
-        head += ["GB/s | TFLOP/s", "% roofline"]
+        head += ["GB/s | TFLOP/s", "% roofline", f"model {model_dev.upper()} us", "meas/model"]
     if peaks:
         head += ["peak MiB ref/ours"]
     head += ["flag"]
@@ -506,6 +638,9 @@ def format_table(results: list[Result], roof: dict[str, float]) -> str:
                 elif r.bytes:
                     rate = f"{r.bytes / ours / 1e3:.0f} GB/s"
             row += [rate or "-", f"{100 * fl / ours:.0f}%" if fl and _finite(ours) else "-"]
+            pred = ((r.model or {}).get(model_dev) or {}).get("predicted_us")
+            ratio = measured_over_model(r, model_dev)
+            row += [_us(pred) if pred else "-", f"{ratio:.2f}" if ratio else "-"]
         if peaks:
             ref_p, our_p = r.peak_mib.get("reference"), r.peak_mib.get("peftops")
             row.append(f"{_us(ref_p)}/{_us(our_p)}" if _finite(ref_p) or _finite(our_p) else "-")
@@ -535,6 +670,9 @@ def format_table(results: list[Result], roof: dict[str, float]) -> str:
         lines.append("bandwidth, flop rate and % of roofline are shown only with a roofline measured on a GPU: "
                      "here they would mean nothing (CPU, or the Triton interpreter); these are CPU times of the "
                      "reference vs the peftops CPU path, not kernel figures.")
+    else:
+        lines.append(f"model {model_dev.upper()} us: the performance model's prediction for the peftops path "
+                     f"(docs/perf-model.md; an estimate, not a measurement); meas/model = measured / predicted.")
     return "\n".join(lines)
 
 
@@ -556,6 +694,9 @@ def to_json(results: list[Result], roof: dict[str, float], env: dict[str, Any]) 
             "unstable_reasons": r.unstable_reasons,
             "floor_us": fl,
             "percent_of_roofline": (100 * fl / ours) if fl and _finite(ours) else None,
+            "model_device": _run_model_device() if r.device_type == "cuda" else None,
+            "model_predicted_us": ((r.model or {}).get(_run_model_device()) or {}).get("predicted_us"),
+            "measured_over_model": measured_over_model(r),
         })
     return {"environment": env, "roofline": roof, "results": out}
 

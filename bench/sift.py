@@ -4,6 +4,9 @@ user writes today.
 
 GPU targets (H100): top-k of |grad| 4096x4096 fp32 at 1% >= 3x torch.topk(grad.abs().flatten(), k);
 SDDMM T = 4096 and 16384, 4096x4096 bf16 at 1% >= 1.5x (dY^T X).flatten()[idx].
+``sift.sddmm.{auto,sparse,dense}``: T in {4096, 16384} x density {0.5, 1, 2, 5}% with the method forced,
+against the same dense baseline, so a GPU run measures the dispatch rule (docs/perf-model.md#sddmm).
+Every case carries the performance model's estimate of its peftops path (kernels/_perf_model.py).
 The whole SIFTLinear training step lives in ``layer_cases(device, quick)`` (added by the layer
 module's author); ``cases`` includes it when it is defined here.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from peftops.kernels import _perf_model as PM
 from peftops.kernels import sift as K
 
 from .harness import Case
@@ -47,7 +51,7 @@ def _topk_case(name, device, shape, density, dtype, sweep):
         name=name, shape=f"{shape[0]}x{shape[1]} {_name(dtype)} {density:g} (k={k})", make=make,
         reference=lambda x: torch.topk(x["g"].abs().flatten(), x["k"]).indices,
         peftops=lambda x: K.topk_abs_select(x["g"], x["k"]),
-        bytes=numel * elt + k * 8, sweep=sweep,
+        bytes=numel * elt + k * 8, sweep=sweep, model=PM.topk(numel, k, elt),
         note="ours: exact, ties to the lower index, ascending, NaN/Inf check; one host sync",
     )
 
@@ -66,7 +70,17 @@ def _topk_cases(device, quick):
 # ----------------------------------------------------------------------------------------------
 # SDDMM: the sparse weight gradient
 # ----------------------------------------------------------------------------------------------
-def _sddmm_case(name, device, T, d_out, d_in, density, dtype, sweep):
+def _sddmm_model(T, d_out, d_in, k, elt, method):
+    """The model of the path ``method`` takes ("auto": the one sddmm_prefers_dense picks on an H100)."""
+    if method == "auto":
+        method = "dense" if PM.sddmm_prefers_dense(T, d_out, d_in, k, elt) else "sparse"
+    fn = PM.sddmm_dense if method == "dense" else PM.sddmm_sparse
+    return fn(T, d_out, d_in, k, elt)
+
+
+def _sddmm_case(name, device, T, d_out, d_in, density, dtype, sweep, method=None):
+    """``method`` None: the default call (auto); else sddmm_at_indices(..., method=method), which needs
+    the method argument (a TypeError when this case runs against a kernels.sift without it)."""
     k = _k(d_out * d_in, density)
 
     def make():
@@ -75,26 +89,37 @@ def _sddmm_case(name, device, T, d_out, d_in, density, dtype, sweep):
         x = {"dy": torch.randn(T, d_out, generator=g).to(dtype).to(device),
              "x": torch.randn(T, d_in, generator=g).to(dtype).to(device),
              "idx": idx, "rows": idx // d_in, "cols": idx % d_in}
-        K.sddmm_at_indices(x["dy"], x["x"], x["rows"], x["cols"])  # the index grouping, cached per index set
+        ours(x)  # the index plan, cached per index set
         return x
 
+    kw = {} if method is None else {"method": method}
+
+    def ours(x):
+        return K.sddmm_at_indices(x["dy"], x["x"], x["rows"], x["cols"], **kw)
+
     elt = torch.finfo(dtype).bits // 8
+    shape = f"T={T} {d_out}x{d_in} {_name(dtype)} {density:g} (k={k})" + (f" method={method}" if method else "")
     return Case(
-        name=name, shape=f"T={T} {d_out}x{d_in} {_name(dtype)} {density:g} (k={k})", make=make,
+        name=name, shape=shape, make=make,
         reference=lambda x: (x["dy"].T @ x["x"]).flatten()[x["idx"]],
-        peftops=lambda x: K.sddmm_at_indices(x["dy"], x["x"], x["rows"], x["cols"]),
-        bytes=T * (d_out + d_in) * elt + k * (8 + 4), flops=2 * k * T, sweep=sweep,
+        peftops=ours, bytes=T * (d_out + d_in) * elt + k * (8 + 4), flops=2 * k * T, sweep=sweep,
+        compile_reference=method is None, model=_sddmm_model(T, d_out, d_in, k, elt, method or "auto"),
         note="ours accumulates in fp32 and returns fp32; reference output in the input dtype",
     )
 
 
 def _sddmm_cases(device, quick):
+    methods = ("auto", "sparse", "dense")
     if quick:
-        return [_sddmm_case("sift.sddmm", device, T, 96, 80, 0.05, torch.float32, ("T", T)) for T in (32, 64)]
+        out = [_sddmm_case("sift.sddmm", device, T, 96, 80, 0.05, torch.float32, ("T", T)) for T in (32, 64)]
+        return out + [_sddmm_case(f"sift.sddmm.{m}", device, 64, 96, 80, 0.05, torch.float32, None, m)
+                      for m in methods]
     out = [_sddmm_case("sift.sddmm", device, T, D, D, 0.01, torch.bfloat16, ("T", T))
            for T in (1024, 2048, 4096, 8192, 16384)]
     out += [_sddmm_case("sift.sddmm.density", device, 4096, D, D, d, torch.bfloat16, ("density %", 100 * d))
             for d in (0.001, 0.005, 0.01, 0.02, 0.05)]
+    out += [_sddmm_case(f"sift.sddmm.{m}", device, T, D, D, d, torch.bfloat16, None, m)
+            for T in (4096, 16384) for d in (0.005, 0.01, 0.02, 0.05) for m in methods]
     return out
 
 
@@ -118,6 +143,8 @@ def _scatter_case(device, shape, density, dtype):
         reference=lambda x: x["w0"].view(-1).index_add(0, x["idx"], x["delta"].to(dtype)).view(shape),
         peftops=lambda x: K.scatter_merged_(x["w"], x["idx"], x["w0_sel"], x["delta"]),
         bytes=k * (8 + 4 + 4 + elt), sweep=("k", k),
+        # idx, w0, delta read; each scattered write a 32-byte sector of W
+        model=PM.elementwise("sift scatter-merged", k, 8 + 4 + 4 + 32, dependent_loads=1),
         note="reference: W = W0 + scatter(delta), out of place (a dense rewrite)",
     )
 
@@ -156,6 +183,8 @@ def _adamw_case(device, shape, density, dtype):
         reference=reference, peftops=ours,
         # read idx, w0, delta, grad, m, v; write delta, m, v and the weight entries
         bytes=k * (8 + 4 * 4 + 3 * 4 + elt), sweep=("k", k), compile_reference=False,
+        # idx, w0, delta, grad, m, v read; delta, m, v written; a 32-byte sector of W per entry
+        model=PM.elementwise("sift sparse AdamW step", k, 8 + 5 * 4 + 3 * 4 + 32, 16, dependent_loads=1),
         note="reference: torch.optim.AdamW (fused on CUDA) on the k-vector + index_put_ of W0[I] + delta",
     )
 
