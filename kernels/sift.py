@@ -34,16 +34,19 @@ The host then reads (candidates, NaN/Inf) once: NaN/Inf raise; if the sample bou
 (fewer than k candidates) or too loose (buffer overflow) the pipeline reruns with L = 0 / a buffer
 of the exact size. Results never depend on timing: same input, same output.
 
-SDDMM (docs/design.md#sddmm-at-low-density). A random 1% mask touches every dense tile, so the win
-over dY^T X comes from operand reuse on 1% of the FLOPs. Gathers along T from row-major [T, d] tensors are strided (one
-32-byte sector per element), so dY and X are first transposed once ([d, T], T contiguous: every
-entry then reads whole 128-byte lines). Entries are grouped by blocks of GROUP_ROWS rows of W and
-ordered by (column, row) inside a group: a program owns one group and one slice of T, so the
-group's dY^T rows (GROUP_ROWS x BLOCK_T) stay in L1 across the group's entries, and the entries
-sharing a column are adjacent and read their X^T line once. Per-slice partial sums go to a
-[n_split, k] buffer that one more kernel reduces in a fixed order (deterministic, no atomics).
-The grouping (a sort of the k entries) depends only on (rows, cols, shapes) and is cached per
-index tensor, so a training loop pays it once.
+SDDMM (docs/design.md#sddmm-at-low-density, docs/perf-model.md). A random 1% mask touches every
+dense tile, so the win over dY^T X comes from doing 1% of the FLOPs (on CUDA cores) while reading
+each operand line few times. Gathers along T from row-major [T, d] tensors are strided (one 32-byte
+sector per element), so dY and X are first transposed once ([d, T], T contiguous, row stride padded
+to a multiple of 16: every entry reads whole aligned lines). The plan (cached per index tensor)
+orders the entries tile-major over R x C tiles of W holding about one chunk each. Program (c, s)
+owns chunk c (N_SUB x BLOCK_E consecutive entries: work cut by entry count, never by row) and
+token slice s; its sub-blocks sweep the same R + C operand lines of the slice (L1 hits after the
+first), each summing into a register tile that is reduced and stored once per (slice, entry): no
+read-modify-write, no barrier, no atomic. One more kernel adds the slices in order (deterministic;
+the configuration is fixed per dtype, never autotuned, so no timing changes a summation order).
+Where the performance model predicts the dense dY^T X + gather to be faster (high density, few
+tokens), ``method="auto"`` takes it instead.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ import torch
 from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_count, check_finite, check_flag, check_index_range,
                       check_real, check_same_device, check_tensor)
 from ._common import acc_dtype, acc_fp64, sm_count
-from ._dispatch import HAS_TRITON, autotune, interpreting, use_triton
+from ._dispatch import HAS_TRITON, interpreting, use_triton
 
 if HAS_TRITON:
     import triton
@@ -281,50 +284,43 @@ if HAS_TRITON:
             eq_rank0 += tl.sum(tie, axis=0)
 
     # ---------------------------------------------------------------- SDDMM at indices
-    _SDDMM_CONFIGS = [
-        triton.Config({"BLOCK_E": 128}, num_warps=4),
-        triton.Config({"BLOCK_E": 256}, num_warps=8),
-        triton.Config({"BLOCK_E": 64}, num_warps=4),
-    ]
+    # token counts only bound masks: not specialized, so a new batch shape never recompiles (the
+    # transposed operands' row stride is padded to a multiple of 16 instead: aligned loads always)
+    @triton.jit(do_not_specialize=["T"])
+    def _sddmm_chunk_kernel(dyt_ptr, xt_ptr, e_row_ptr, e_col_ptr, partial_ptr, T, k, ld,
+                            ACC_FP64: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                            N_SUB: tl.constexpr, T_SLICE: tl.constexpr):
+        """partial[s, e] = sum over tokens [s T_SLICE, (s + 1) T_SLICE) of dy^T[row_e, t] * x^T[col_e, t],
+        for the N_SUB * BLOCK_E consecutive entries e of chunk program_id(0), s = program_id(1).
 
-    @autotune(configs=_SDDMM_CONFIGS, key=["t_bucket", "group_rows"],
-              interpret_config=triton.Config({"BLOCK_E": 16}))
-    # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
-    # shape never recompiles (see docs/gpu-verification.md)
-    @triton.jit(do_not_specialize=["t_split", "t_bucket"])
-    def _sddmm_partial_kernel(dyt_ptr, xt_ptr, e_row_ptr, e_col_ptr, group_start_ptr, partial_ptr,
-                              T, t_split, k, t_bucket, group_rows,
-                              ACC_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-        """partial[s, e] = sum over the T-slice s of dy^T[row_e, t] * x^T[col_e, t] for the entries e
-        of one row group (ordered by column). T-slice outer, entries inner: the group's dy^T
-        rows for the current BLOCK_T columns stay in L1 while the entries sweep over them."""
-        group = tl.program_id(0)
+        Work is cut by entry count, never by row: a chunk costs the same wherever its entries sit.
+        A chunk's entries lie in one R x C tile of W (the plan's order), so its sub-blocks, one after
+        the other, gather from the same R + C operand lines of the slice: the first touch of a line
+        comes from L2, the repeats hit L1 (the slice is short enough for R + C lines to fit). Each
+        sub-block's dot products build up in a register tile over the slice's (unrolled) token
+        tiles and are reduced and stored once: every (s, e) is written by one store, nothing is
+        read back, no barrier or atomic anywhere."""
+        chunk = tl.program_id(0)
         split = tl.program_id(1)
-        e_begin = tl.load(group_start_ptr + group)
-        e_end = tl.load(group_start_ptr + group + 1)
-        t_begin = split * t_split
-        t_end = tl.minimum(T, t_begin + t_split)
-        out_row = partial_ptr + split.to(tl.int64) * k
         acc_t = tl.float64 if ACC_FP64 else tl.float32
-        for t0 in range(t_begin, t_end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = t < t_end
-            for e0 in range(e_begin, e_end, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                e_ok = e < e_end
-                r = tl.load(e_row_ptr + e, mask=e_ok, other=0).to(tl.int64)
-                c = tl.load(e_col_ptr + e, mask=e_ok, other=0).to(tl.int64)
-                m2 = e_ok[:, None] & t_ok[None, :]
-                dy = tl.load(dyt_ptr + r[:, None] * T + t[None, :], mask=m2, other=0.0)
-                xv = tl.load(xt_ptr + c[:, None] * T + t[None, :], mask=m2, other=0.0)
-                part = tl.sum(dy.to(acc_t) * xv.to(acc_t), axis=1)
-                if t0 != t_begin:
-                    part += tl.load(out_row + e, mask=e_ok, other=0.0)
-                tl.store(out_row + e, part, mask=e_ok)
-            # partial[e] is stored by one thread (after a layout conversion) and read back at the
-            # next T tile by another one: order every store of this tile before the next tile's
-            # loads (without it only timing does, e.g. when the group has <= BLOCK_E entries)
-            tl.debug_barrier()
+        t_begin = split.to(tl.int64) * T_SLICE
+        out_row = partial_ptr + split.to(tl.int64) * k
+        for j in range(N_SUB):
+            e = chunk.to(tl.int64) * (N_SUB * BLOCK_E) + j * BLOCK_E + tl.arange(0, BLOCK_E)
+            e_ok = e < k
+            # entries past k read row 0 / col 0: in bounds, and never stored
+            r = tl.load(e_row_ptr + e, mask=e_ok, other=0).to(tl.int64)
+            c = tl.load(e_col_ptr + e, mask=e_ok, other=0).to(tl.int64)
+            dy_rows = dyt_ptr + r[:, None] * ld
+            x_rows = xt_ptr + c[:, None] * ld
+            acc = tl.zeros([BLOCK_E, BLOCK_T], acc_t)
+            for tile in tl.static_range(T_SLICE // BLOCK_T):  # independent gathers, all in flight
+                t = t_begin + tile * BLOCK_T + tl.arange(0, BLOCK_T)
+                t_ok = (t < T)[None, :]
+                dy = tl.load(dy_rows + t[None, :], mask=t_ok, other=0.0)
+                xv = tl.load(x_rows + t[None, :], mask=t_ok, other=0.0)
+                acc += dy.to(acc_t) * xv.to(acc_t)
+            tl.store(out_row + e, tl.sum(acc, axis=1), mask=e_ok)
 
     # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
     # shape never recompiles (see docs/gpu-verification.md)
@@ -542,68 +538,198 @@ def _topk_abs_select_triton(scores: torch.Tensor, k: int, *, sample: int | None 
 
 # ---- SDDMM ----------------------------------------------------------------------------------
 _SDDMM_PLANS = None  # WeakIdKeyDictionary: rows tensor -> (signature, plan)
+# the dense path forms dY^T X in fp32 row blocks of at most this many bytes, and of at most half the
+# weight's own bytes: a SIFT step's transient memory stays well below a copy of the weight
+_DENSE_BLOCK_BYTES = 1 << 28
+_DENSE_BLOCK_FRACTION = 2
+SDDMM_METHODS = ("auto", "sparse", "dense")
 
 
-def _sddmm_group_rows() -> int:
-    return 4 if interpreting() else 512
+def _sddmm_params(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_E, BLOCK_T, N_SUB, num_warps, T_SLICE) of the chunk kernel: chunks of N_SUB * BLOCK_E
+    entries, token slices of T_SLICE. BLOCK_T x element size = 128 bytes (one whole line per entry
+    and operand per tile); T_SLICE x element size = 256 bytes, so that a chunk's R + C operand
+    lines of one slice (~640 x 256 B at 1 %) stay in L1 while its sub-blocks sweep them. Fixed per
+    dtype, not autotuned: an entry's summation order never depends on a timing, so results are
+    bitwise reproducible across runs and processes."""
+    if interpreting():
+        return 16, 8, 2, 4, 16
+    if dtype == torch.float64:
+        return 64, 16, 16, 4, 32
+    if dtype == torch.float32:
+        return 128, 32, 8, 8, 64
+    return 128, 64, 8, 8, 128
 
 
-def _sddmm_plan(rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int, group_rows: int):
-    """Entries grouped by row block (group_rows rows of W), ordered by (column, row) inside a
-    group: (e_row int32, e_col int32, e_pos int64 original position, group_start int64 [G+1]).
-    Cached per rows tensor (keyed on identity, version, data pointers and shapes)."""
+def sddmm_tile(k: int, d_out: int, d_in: int, chunk: int) -> tuple[int, int]:
+    """(R, C): the W tile holding ~``chunk`` entries at this density (sides multiples of 16, square
+    where the weight allows). A chunk then gathers R + C operand lines per T tile for ~chunk entries."""
+    density = k / (d_out * d_in)
+    side = math.sqrt(chunk / density)
+    tile_r = min(d_out, max(16, 16 * math.ceil(side / 16)))
+    tile_c = min(d_in, max(16, 16 * math.ceil(chunk / (density * tile_r) / 16)))
+    return tile_r, tile_c
+
+
+class _SDDMMPlan:
+    """The entries of one index set in kernel order: tile-major over (R x C) tiles of W
+    (``sddmm_tile``), row-major inside a tile, so a chunk's consecutive entries lie in one tile.
+    Built once per index set (one argsort, no host sync)."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int, chunk: int):
+        r = rows.long()
+        c = cols.long()
+        tile_r, tile_c = sddmm_tile(rows.numel(), d_out, d_in, chunk)
+        n_tc = -(-d_in // tile_c)
+        key = ((r // tile_r) * n_tc + c // tile_c) * (tile_r * tile_c) + (r % tile_r) * tile_c + c % tile_c
+        order = torch.argsort(key, stable=True)
+        self.e_row = r[order].to(torch.int32)
+        self.e_col = c[order].to(torch.int32)
+        self.e_pos = order
+        self.tile_r, self.tile_c, self.d_out, self.d_in = tile_r, tile_c, d_out, d_in
+        self._dense = None  # (rows per block, positions, flat indices, [(r0, r1, e0, e1)]), on first use
+
+    def dense_blocks(self, rows_per_block: int):
+        """The dense path's view of the entries: (positions, flat indices r*d_in + c) ordered by row,
+        and its row blocks [r0, r1) with their entry ranges [e0, e1). One host read of the block
+        boundaries when the weight needs several blocks; cached with the plan."""
+        if self._dense is None or self._dense[0] != rows_per_block:
+            r = self.e_row.long()
+            order = torch.argsort(r, stable=True)
+            pos, flat = self.e_pos[order], r[order] * self.d_in + self.e_col.long()[order]
+            starts = list(range(0, self.d_out, rows_per_block))
+            if len(starts) == 1:
+                blocks = [(0, self.d_out, 0, flat.numel())]
+            else:
+                edges = torch.searchsorted(r[order], torch.tensor(starts + [self.d_out], device=r.device)).tolist()
+                blocks = [(r0, min(r0 + rows_per_block, self.d_out), edges[i], edges[i + 1])
+                          for i, r0 in enumerate(starts) if edges[i + 1] > edges[i]]
+            self._dense = (rows_per_block, pos, flat, blocks)
+        return self._dense[1], self._dense[2], self._dense[3]
+
+
+def _sddmm_plan(rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int, chunk: int) -> _SDDMMPlan:
+    """The plan of (rows, cols), cached per rows tensor (keyed on identity, version, data pointers
+    and shapes): a training loop over one index set sorts once."""
     global _SDDMM_PLANS
     if _SDDMM_PLANS is None:
         from torch.utils.weak import WeakIdKeyDictionary
 
         _SDDMM_PLANS = WeakIdKeyDictionary()
-    signature = (rows.data_ptr(), rows._version, cols.data_ptr(), cols._version, id(cols), rows.numel(), d_out,
-                 d_in, group_rows, rows.dtype, cols.dtype)
+    try:
+        signature = (rows.data_ptr(), rows._version, cols.data_ptr(), cols._version, id(cols), rows.numel(), d_out,
+                     d_in, chunk, rows.dtype, cols.dtype)
+    except RuntimeError:  # no storage (fake/meta): nothing to remember
+        return _SDDMMPlan(rows, cols, d_out, d_in, chunk)
     hit = _SDDMM_PLANS.get(rows)
     if hit is not None and hit[0] == signature:
         return hit[1]
-    r = rows.long()
-    c = cols.long()
-    group = r // group_rows
-    order = torch.argsort((group * d_in + c) * group_rows + r % group_rows, stable=True)
-    n_groups = triton.cdiv(d_out, group_rows)
-    group_start = torch.searchsorted(group[order], torch.arange(n_groups + 1, device=rows.device))
-    plan = (r[order].to(torch.int32), c[order].to(torch.int32), order, group_start)
+    plan = _SDDMMPlan(rows, cols, d_out, d_in, chunk)
     _SDDMM_PLANS[rows] = (signature, plan)
     return plan
 
 
-def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out`` (a preallocated [k] of the accumulation dtype) exists for tests."""
-    T, d_out = dy.shape
-    d_in = x.shape[1]
-    k = rows.numel()
+def _transposed_padded(t: torch.Tensor, ld: int) -> torch.Tensor:
+    """t^T [d, T] with row stride ld >= T (a multiple of 16): every entry's T-run starts aligned."""
+    n_tok, d = t.shape
+    out = torch.empty(d, ld, dtype=t.dtype, device=t.device)
+    out[:, :n_tok].copy_(t.t())
+    return out
+
+
+def sddmm_grid(T: int, k: int, block_e: int, n_sub: int, t_slice: int) -> tuple[int, int]:
+    """(n_chunks, n_slices) of the chunk kernel's grid."""
+    return -(-k // (n_sub * block_e)), -(-T // t_slice)
+
+
+def _sddmm_sparse_triton(dy: torch.Tensor, x: torch.Tensor, plan: _SDDMMPlan,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """The chunk kernel, then the fixed-order sum over T-slices (module docstring)."""
+    T = dy.shape[0]
+    k = plan.e_row.numel()
     acc = acc_dtype(dy.dtype)
-    group_rows = _sddmm_group_rows()
-    e_row, e_col, e_pos, group_start = _sddmm_plan(rows, cols, d_out, d_in, group_rows)
-    n_groups = group_start.numel() - 1
-    # T contiguous: each entry reads whole 128-byte lines (2-byte dtypes: 64 tokens per line)
-    block_t = 128 // dy.element_size() if not interpreting() else 8
-    dyt = dy.t().contiguous()
-    xt = x.t().contiguous()
-    # about one program per SM (each wants its SM's L1 for its group's dy^T rows); more T-splits
-    # would only grow the [n_split, k] partial buffer that the reduction reads back
-    n_split = max(1, min(triton.cdiv(sm_count(dy.device, off_gpu=_SMS_OFF_GPU), n_groups), triton.cdiv(T, block_t)))
-    t_split = triton.cdiv(triton.cdiv(T, n_split), block_t) * block_t
-    n_split = triton.cdiv(T, t_split)
+    block_e, block_t, n_sub, warps, t_slice = _sddmm_params(dy.dtype)
+    ld = triton.cdiv(T, 16) * 16
+    dyt = _transposed_padded(dy, ld)
+    xt = _transposed_padded(x, ld)
+    n_chunks, n_split = sddmm_grid(T, k, block_e, n_sub, t_slice)
     partial = torch.empty(n_split, k, dtype=acc, device=dy.device)
-    t_bucket = min(T.bit_length(), 15)
-    _sddmm_partial_kernel[(n_groups, n_split)](
-        dyt, xt, e_row, e_col, group_start, partial, T, t_split, k, t_bucket, group_rows,
-        ACC_FP64=acc_fp64(dy.dtype), BLOCK_T=block_t,
-        enable_fp_fusion=_FP_FUSION_ACCURATE)  # dot products: fma = one rounding less per term
+    _sddmm_chunk_kernel[(n_chunks, n_split)](
+        dyt, xt, plan.e_row, plan.e_col, partial, T, k, ld,
+        ACC_FP64=acc_fp64(dy.dtype), BLOCK_E=block_e, BLOCK_T=block_t, N_SUB=n_sub, T_SLICE=t_slice,
+        num_warps=warps, enable_fp_fusion=_FP_FUSION_ACCURATE)  # dot products: fma = one rounding less per term
     if out is None:
         out = torch.empty(k, dtype=acc, device=dy.device)
     block, warps = _elementwise_block()
-    _sddmm_reduce_kernel[(triton.cdiv(k, block),)](partial, e_pos, out, k, n_split, BLOCK=block, num_warps=warps,
+    _sddmm_reduce_kernel[(triton.cdiv(k, block),)](partial, plan.e_pos, out, k, n_split, BLOCK=block, num_warps=warps,
                                                     enable_fp_fusion=_FP_FUSION_ACCURATE)  # adds only: a reduction
     return out
+
+
+def _matmul_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a @ b accumulated and returned in ``acc`` (fp32/fp64). 16-bit operands on CUDA stay 16-bit
+    on the tensor cores with an fp32 output (torch.mm's out_dtype); elsewhere they are upcast."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and acc == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(..., out_dtype)
+            pass
+    return torch.mm(a.to(acc), b.to(acc))
+
+
+def _sddmm_dense(dy: torch.Tensor, x: torch.Tensor, plan: _SDDMMPlan,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[m] = (dY^T X)[rows[m], cols[m]]: dense GEMMs over row blocks of W (``sddmm_dense_rows``),
+    each gathered at its entries. Wins at high density / few tokens."""
+    d_in = x.shape[1]
+    acc = acc_dtype(dy.dtype)
+    k = plan.e_row.numel()
+    pos, flat, blocks = plan.dense_blocks(sddmm_dense_rows(plan.d_out, d_in, dy.element_size()))
+    if out is None:
+        out = torch.empty(k, dtype=acc, device=dy.device)
+    for r0, r1, e0, e1 in blocks:
+        block = _matmul_acc(dy[:, r0:r1].t(), x, acc)
+        out[pos[e0:e1]] = block.view(-1)[flat[e0:e1] - r0 * d_in]
+    return out
+
+
+def sddmm_dense_rows(d_out: int, d_in: int, elem_bytes: int) -> int:
+    """Rows of W per dense block: the fp32 (fp64) blocks within min(_DENSE_BLOCK_BYTES, weight bytes /
+    2), in equal blocks rounded up to 128 rows (a GEMM tile) so that no block under-fills the GPU."""
+    acc = 8 if elem_bytes == 8 else 4
+    budget = max(1, min(_DENSE_BLOCK_BYTES, d_out * d_in * elem_bytes // _DENSE_BLOCK_FRACTION))
+    n_blocks = (d_out * d_in * acc + budget - 1) // budget
+    per_block = (d_out + n_blocks - 1) // n_blocks
+    return min(d_out, (per_block + 127) // 128 * 128)
+
+
+def _device_kind(device: torch.device) -> str:
+    if device.type == "cuda" and "H200" in torch.cuda.get_device_name(device):
+        return "h200"
+    return "h100"
+
+
+def sddmm_method(T: int, d_out: int, d_in: int, k: int, dtype: torch.dtype, device: torch.device) -> str:
+    """"dense" where the performance model (kernels/_perf_model.py, docs/perf-model.md) predicts
+    dY^T X + gather to be faster than the sparse kernel, else "sparse"."""
+    from . import _perf_model
+
+    elem = torch.finfo(dtype).bits // 8
+    return "dense" if _perf_model.sddmm_prefers_dense(T, d_out, d_in, k, elem, device=_device_kind(device)) else "sparse"
+
+
+def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  out: torch.Tensor | None = None, method: str = "auto") -> torch.Tensor:
+    """``out`` (a preallocated [k] of the accumulation dtype) exists for tests."""
+    T, d_out = dy.shape
+    d_in = x.shape[1]
+    block_e, _, n_sub, _, _ = _sddmm_params(dy.dtype)
+    plan = _sddmm_plan(rows, cols, d_out, d_in, block_e * n_sub)
+    if method == "auto":
+        method = sddmm_method(T, d_out, d_in, rows.numel(), dy.dtype, dy.device)
+    if method == "dense":
+        return _sddmm_dense(dy, x, plan, out)
+    return _sddmm_sparse_triton(dy, x, plan, out)
 
 
 # ---- merged write / AdamW -------------------------------------------------------------------
@@ -770,16 +896,21 @@ def _check_sddmm_args(dy, x, rows, cols):
     _check_index_range_once("cols", cols, x.shape[1], what="column indices (x.shape[1])")
 
 
-def sddmm_at_indices(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def sddmm_at_indices(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *,
+                     method: str = "auto") -> torch.Tensor:
     """The sparse weight gradient: out[m] = sum_t dy[t, rows[m]] * x[t, cols[m]].
 
-    dy [T, d_out], x [T, d_in] of one float dtype; rows, cols int32/int64 [k], rows ascending.
-    Accumulates in fp32 and returns fp32 [k] (fp64 for fp64 inputs); dy.T @ x is never formed."""
+    dy [T, d_out], x [T, d_in] of one float dtype; rows, cols int32/int64 [k] (any order).
+    Accumulates in fp32 and returns fp32 [k] (fp64 for fp64 inputs). ``method`` (Triton path):
+    "sparse" (the chunk kernel; dy.T @ x is never formed), "dense" (dy.T @ x in row blocks, then a
+    gather) or "auto": the one the performance model predicts faster (``sddmm_method``)."""
+    if method not in SDDMM_METHODS:
+        raise ValueError(f"method: expected one of {SDDMM_METHODS}, got {method!r}")
     _check_sddmm_args(dy, x, rows, cols)
     if rows.numel() == 0 or dy.shape[0] == 0:
         return torch.zeros(rows.numel(), dtype=acc_dtype(dy.dtype), device=dy.device)
     if use_triton(dy):
-        return _sddmm_triton(dy, x, rows, cols)
+        return _sddmm_triton(dy, x, rows, cols, method=method)
     return sddmm_at_indices_reference(dy, x, rows, cols)
 
 

@@ -151,6 +151,38 @@ def _(dy, x, rows, cols):
     return dy.new_empty(rows.shape, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
 
 
+_ROWS_COLS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # flat index tensor -> (signature, (rows, cols))
+
+
+def _cached_rows_cols(indices: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_split_rows_cols, cached per index tensor (same data pointer, version, size, d_in): the
+    SDDMM's plan and range checks are cached per rows tensor, so a training loop through the
+    functional ``sift_linear`` splits, sorts and checks its index set once, not every step."""
+    try:
+        sig = (indices.data_ptr(), indices._version, indices.numel(), indices.dtype, indices.device, int(d_in))
+    except RuntimeError:  # no storage (fake/meta): nothing to remember
+        return _split_rows_cols(indices, d_in)
+    hit = _ROWS_COLS.get(indices)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    rows_cols = _split_rows_cols(indices, d_in)
+    _ROWS_COLS[indices] = (sig, rows_cols)
+    return rows_cols
+
+
+# The flat-index form is one op (not a split then the SDDMM) so that under torch.compile the split
+# still runs on the real index tensor, where its cache applies.
+@torch.library.custom_op("peftops::sift_sddmm_flat", mutates_args=())
+def _sddmm_flat_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    rows, cols = _cached_rows_cols(indices, x.shape[1])
+    return _k.sddmm_at_indices(dy, x, rows, cols)
+
+
+@_sddmm_flat_op.register_fake
+def _(dy, x, indices):
+    return dy.new_empty(indices.shape, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
+
+
 @torch.library.custom_op("peftops::sift_merged_weight", mutates_args=())
 def _merged_weight_op(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return _merged_copy(weight, indices, values)
@@ -198,12 +230,8 @@ def _sift_linear_backward(ctx, dy):
     if need_b:
         db = dy2.sum(0)
     if need_v:
-        # The SDDMM wants rows ascending: sort the index set once, un-permute the result.
-        sorted_idx, perm = torch.sort(indices)
-        rows, cols = _split_rows_cols(sorted_idx, ctx.d_in)
         x2 = x.reshape(n_tok, ctx.d_in).contiguous()
-        g_sorted = _sddmm_op(dy2.to(x2.dtype), x2, rows, cols)
-        dvalues = torch.empty_like(g_sorted).scatter_(0, perm, g_sorted).to(ctx.values_dtype)
+        dvalues = _sddmm_flat_op(dy2.to(x2.dtype), x2, indices).to(ctx.values_dtype)
     return dx, None, db, None, dvalues
 
 

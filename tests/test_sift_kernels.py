@@ -192,42 +192,101 @@ def _indices(d_out, d_in, k, gen, idx_dtype, device):
     return (flat // d_in).to(idx_dtype).to(device), (flat % d_in).to(idx_dtype).to(device)
 
 
+SDDMM_METHODS = ["auto", "sparse", "dense"]
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("method", SDDMM_METHODS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("T,d_out,d_in,k", SDDMM_CASES, ids=[str(c) for c in SDDMM_CASES])
-def test_sddmm_at_indices(device, backend, dtype, T, d_out, d_in, k):
+def test_sddmm_at_indices(device, backend, method, dtype, T, d_out, d_in, k):
+    if backend == "reference" and method != "auto":
+        pytest.skip("the method picks a Triton path; the reference has one")
     gen = torch.Generator().manual_seed(T * 1000 + k)
     dy = torch.randn(T, d_out, generator=gen).to(dtype).to(device)
     x = torch.randn(T, d_in, generator=gen).to(dtype).to(device)
     rows, cols = _indices(d_out, d_in, k, gen, torch.int32 if k % 2 else torch.int64, device)
     with force_backend(backend):
-        out = K.sddmm_at_indices(dy, x, rows, cols)
+        out = K.sddmm_at_indices(dy, x, rows, cols, method=method)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert out.dtype == acc and out.shape == (k,)
     expected = (dy.double().T @ x.double())[rows.long(), cols.long()]
     assert_close(out, expected, dtype=acc, scale=math.sqrt(T))
 
 
+def _skewed_sets(d_out, d_in, gen):
+    """Index sets that load a row-split design unevenly: everything in two rows, in one column,
+    a uniform 3 %, and one outlier row holding half the entries."""
+    two_rows = torch.cat([torch.arange(d_in) + 2 * d_in, torch.arange(d_in) + (d_out - 1) * d_in])
+    one_col = torch.arange(d_out) * d_in + d_in // 2
+    uniform = torch.randperm(d_out * d_in, generator=gen)[: max(1, d_out * d_in * 3 // 100)]
+    outlier = torch.cat([torch.arange(d_in) + 5 * d_in, torch.randperm(d_out * d_in, generator=gen)[:d_in]]).unique()
+    return {"two_rows": two_rows, "one_col": one_col, "uniform": uniform, "outlier_row": outlier}
+
+
 @needs_triton
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_sddmm_poisoned_output_strided_inputs_unsorted_rows_and_plan_cache(device):
-    gen = torch.Generator().manual_seed(7)
-    T, d_out, d_in, k = 41, 22, 9, 60
-    dy = torch.randn(d_out, T, generator=gen).to(device).t()  # a strided view
-    x = torch.randn(T, 2 * d_in, generator=gen).to(device)[:, ::2]
-    rows, cols = _indices(d_out, d_in, k, gen, torch.int64, device)
-    perm = torch.randperm(k, generator=gen).to(device)
-    rows, cols = rows[perm].contiguous(), cols[perm].contiguous()  # not sorted: still correct
-    out = poisoned((k,), torch.float32, device)
-    got = K._sddmm_triton(dy, x, rows, cols, out=out)
-    expected = (dy.double().T @ x.double())[rows, cols]
-    assert_close(got, expected, dtype=torch.float32, scale=math.sqrt(T))
-    # the cached grouping follows in-place changes of the index tensors
-    rows[0] = (rows[0] + 1) % d_out
-    cols[-1] = (cols[-1] + 3) % d_in
+@pytest.mark.parametrize("method", ["sparse", "dense"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_sddmm_skewed_index_sets_are_exact_and_bitwise_reproducible(device, method, dtype):
+    gen = torch.Generator().manual_seed(11)
+    T, d_out, d_in = 67, 13, 97  # several T slices and chunks under the interpreter
+    dy = torch.randn(T, d_out, generator=gen).to(dtype).to(device)
+    x = torch.randn(T, d_in, generator=gen).to(dtype).to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, flat in _skewed_sets(d_out, d_in, gen).items():
+        flat = flat[torch.randperm(flat.numel(), generator=gen)].to(device)  # any order
+        rows, cols = flat // d_in, flat % d_in
+        first = K._sddmm_triton(dy, x, rows, cols, out=poisoned((flat.numel(),), acc, device), method=method)
+        again = K._sddmm_triton(dy, x, rows.clone(), cols.clone(), method=method)  # a fresh plan
+        assert torch.equal(first, again), name
+        expected = (dy.double().T @ x.double())[rows, cols]
+        assert_close(first, expected, dtype=acc, scale=math.sqrt(T))
+
+
+@needs_triton
+def test_sddmm_dispatch_follows_the_model_on_both_sides_of_its_threshold(monkeypatch):
+    """auto = the model's pick (kernels/_perf_model.sddmm_prefers_dense), both ways, and the two
+    paths agree; the dense path splits big weights into row blocks."""
+    from peftops.kernels import _perf_model as PM
+
+    calls = []
+    monkeypatch.setattr(K, "_sddmm_dense", lambda *a, **kw: calls.append("dense") or real_dense(*a, **kw))
+    monkeypatch.setattr(K, "_sddmm_sparse_triton", lambda *a, **kw: calls.append("sparse") or real_sparse(*a, **kw))
+    gen = torch.Generator().manual_seed(3)
+    T, d_out, d_in = 29, 64, 24
+    dy, x = torch.randn(T, d_out, generator=gen), torch.randn(T, d_in, generator=gen)
+    rows, cols = _indices(d_out, d_in, 40, gen, torch.int64, "cpu")
+    outs = {}
+    rule = PM.sddmm_prefers_dense
+    for prefers in (True, False):
+        monkeypatch.setattr(PM, "sddmm_prefers_dense", lambda *a, _p=prefers, **kw: _p)
+        with force_backend("triton"):
+            outs[prefers] = K.sddmm_at_indices(dy, x, rows, cols)
+    assert calls == ["dense", "sparse"]
+    assert_close(outs[True], outs[False], dtype=torch.float32, scale=math.sqrt(T))
+    monkeypatch.setattr(PM, "sddmm_prefers_dense", rule)
+    # the real rule, on the two sides of its crossover density at a training shape
+    c = PM.sddmm_crossover_density(4096, 4096, 4096, 2)
+    assert c is not None
+    assert K.sddmm_method(4096, 4096, 4096, int(1.2 * c * 4096 * 4096), torch.bfloat16, torch.device("cpu")) == "dense"
+    assert K.sddmm_method(4096, 4096, 4096, int(0.8 * c * 4096 * 4096), torch.bfloat16, torch.device("cpu")) == "sparse"
+    # row blocks: a weight of 200 rows makes two blocks of 128 rows (the budget is half the weight)
+    d_out = 200
+    dy = torch.randn(T, d_out, generator=gen)
+    rows, cols = _indices(d_out, d_in, 300, gen, torch.int64, "cpu")
+    assert K.sddmm_dense_rows(d_out, d_in, 4) == 128
     with force_backend("triton"):
-        got = K.sddmm_at_indices(dy, x, rows, cols)
-    assert_close(got, (dy.double().T @ x.double())[rows, cols], dtype=torch.float32, scale=math.sqrt(T))
+        blocked = K.sddmm_at_indices(dy, x, rows, cols, method="dense")
+        sparse = K.sddmm_at_indices(dy, x, rows, cols, method="sparse")
+    plan = K._sddmm_plan(rows, cols, d_out, d_in, 32)
+    assert len(plan.dense_blocks(128)[2]) == 2
+    assert_close(blocked, sparse, dtype=torch.float32, scale=math.sqrt(T))
+    assert_close(blocked, (dy.double().T @ x.double())[rows, cols], dtype=torch.float32, scale=math.sqrt(T))
+
+
+real_dense = K._sddmm_dense
+real_sparse = K._sddmm_sparse_triton
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
