@@ -2,8 +2,10 @@
 
 GPU targets (docs/design.md#performance-yardsticks, issue): gather-add 16384 tokens x 4096 bf16,
 V = 32000: >= 85% of the HBM roofline, not slower than torch.compile(h + P[ids]), >= 1.5x eager; table
-backward (Zipf ids) >= 2x the eager dense zero-filled grad + index_add_; a SmolLM2-135M-shaped Llama
-with compiled tables within 3% of the plain model's forward (single and mixed-task batches).
+backward (Zipf ids) >= 2x the eager dense zero-filled grad + index_add_, and with one id holding half of
+16384 tokens within 1.5x of the same batch with uniform ids (aot.table_backward_skew, issue #11); a
+SmolLM2-135M-shaped Llama with compiled tables within 3% of the plain model's forward (single and
+mixed-task batches).
 """
 from __future__ import annotations
 
@@ -99,6 +101,41 @@ def _backward_cases(device, tokens, d, vocab, dtype):
     return out
 
 
+def _skewed_ids(n: int, vocab: int, share: float, seed: int = 3) -> torch.Tensor:
+    """n uniform ids of which round(share * n), at random positions, are id 0 (a pad / BOS id)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    ids[torch.randperm(n, generator=g)[:round(share * n)]] = 0
+    return ids
+
+
+def _skew_cases(device, n, d, vocab, dtype):
+    """The planned table backward of one batch shape with uniform ids and with one id holding half
+    the tokens: the two peftops times side by side are the skew target (issue #11: the skewed
+    batch within 1.5x of the uniform one; a per-segment loop made it 10-20x the bandwidth bound)."""
+    out = []
+    for share in (0.0, 0.5):
+        def make(share=share):
+            g = torch.Generator(device="cpu").manual_seed(4)
+            ids = _skewed_ids(n, vocab, share).to(device)
+            x = {"g": torch.randn(n, d, generator=g).to(dtype).to(device), "ids": ids, "V": vocab}
+            x["plan"] = aot.aot_segment_plan(ids, vocab)
+            return x
+
+        unique = int(torch.unique(_skewed_ids(n, vocab, share)).numel())
+        elt = torch.finfo(dtype).bits // 8
+        what = "uniform ids" if share == 0 else f"one id holding {share:.0%} of the tokens"
+        out.append(Case(
+            name="aot.table_backward_skew", shape=f"{n}x{d} {str(dtype)[6:]} V={vocab} {what} U={unique}", make=make,
+            reference=lambda x: torch.zeros(x["V"], x["g"].shape[1], dtype=torch.float32,
+                                            device=x["g"].device).index_add_(0, x["ids"], x["g"].float()),
+            peftops=lambda x: aot.aot_table_grad(x["g"], x["ids"], x["V"], plan=x["plan"], validate=False),
+            bytes=n * d * elt + unique * d * 4 + n * 8 * 2, sweep=("heavy id share", share),
+            note="planned (the model path); the pair's peftops ratio is the skew target (<= 1.5)",
+        ))
+    return out
+
+
 def _serving_cases(device, quick):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -155,4 +192,5 @@ def cases(device, quick):
         tokens, d, vocab, dtype = GPU_TOKENS, 4096, 32000, torch.bfloat16
     return (_gather_cases(device, tokens, d, vocab, dtype)
             + _backward_cases(device, tokens, d, vocab, dtype)
+            + _skew_cases(device, tokens[-1], d, vocab, dtype)
             + _serving_cases(device, quick))

@@ -7,23 +7,36 @@ batch reads table row ``task_ids[n // tokens_per_sample] * V + ids[n]``.
 Forward: one pass, ``out[n, :] = h[n, :] + P[row(n), :]`` accumulated in fp32 (fp64 when either
 operand is fp64) and rounded once to hidden's dtype, for every dtype pair (fp64 -> fp16/bf16
 through fp32 rounded to odd, which makes the second rounding the exact one; see round_once);
-``out`` may be ``hidden`` (in place). Rows whose id or task id is out of range read nothing
-(bias 0, the reference too): a bad id can never cause an out-of-bounds read, and the
-dispatching functions raise a clear error before any launch.
+``out`` may be ``hidden`` (in place). Work is cut by tokens (BLOCK_R per program), so skewed ids
+only make table rows repeat (L2 hits), never a longer program. Rows whose id or task id is out of
+range read nothing (bias 0, the reference too): a bad id can never cause an out-of-bounds read,
+and the dispatching functions raise a clear error before any launch.
 
 Backward into the table: ``dP[r] = sum_{n: row(n) = r} dY[n]``. The flat table rows of the tokens
-are sorted once (stable) into a *segment plan*; one program per (segment, column block) sums the
-segment's gradient rows one after the other in plan order in fp32 (the same order, hence the same
-bits, whichever autotune config runs): deterministic, no atomics, and only the rows that occur
-are written. Segments are launched longest first, so a Zipf-heavy id does not become
-the tail of the launch.
+are sorted once (stable) into a *segment plan*; segment s holds the tokens reading row
+``seg_row[s]``, cut into chunks of K = segment_chunk() consecutive tokens (256 on a GPU, 16 under
+the interpreter). One program per (chunk, column block) adds the chunk's gradient rows one after
+the other in plan order in fp32 (fp64 for fp64 grad); a segment of one chunk is stored directly
+(rounded once), the chunks of a longer one store their sums in a scratch buffer and a second
+kernel adds them in chunk order and rounds once. Summation order, hence the bits, is fixed by the
+plan and K alone (not by the autotune config): ``((c_0 + c_1) + ...) + c_m`` with c_i the
+token-by-token sum of chunk i, both from +0 (segment_sums_kernel_order computes it in torch).
+Deterministic, no atomics, only the rows that occur are written (never a row outside the output:
+the rows of unvalidated bad ids are masked), and no program loops over more than K tokens: a pad
+id holding half the batch is N / (2K) programs, not one serial loop.
 
-Plan layout (int64, one tensor so it travels through custom ops): for N tokens and U distinct rows
-``[perm (N) | seg_row (U) | seg_count (U) | slot_seg (U) | slot_start (U) | slot_count (U) | slot_row (U)]``.
-``perm`` sorts the tokens by row; segment s (ascending table row ``seg_row[s]``) has ``seg_count[s]``
-tokens. Slots list the segments longest first: slot i reduces ``perm[slot_start[i] :
-slot_start[i] + slot_count[i]]`` into segment ``slot_seg[i]`` / table row ``slot_row[i]``, all
-read independently (no chain of dependent loads before the gradient rows).
+Plan layout (int64, one tensor so it travels through custom ops), N tokens, U segments, with the
+host bounds C = N // K + U chunk slots and R = N // (K + 1) reduce slots (plan_sizes):
+``[perm (N) | seg_row (U) | seg_count (U) | chunk_start, chunk_count, chunk_seg, chunk_row,
+chunk_part (C each) | red_first, red_n, red_seg, red_row (R each)]``. ``perm`` sorts the tokens by
+row. Segments are laid out longest first (ties in segment order): chunk slot c reduces
+``perm[chunk_start[c] : chunk_start[c] + chunk_count[c]]`` of segment ``chunk_seg[c]`` (table row
+``chunk_row[c]``), into the output when ``chunk_part[c]`` is 0, else into scratch row c (the
+multi-chunk segments come first, so their chunks are slots 0, 1, ...). Reduce slot j adds scratch
+rows ``red_first[j] ... + red_n[j] - 1`` into segment ``red_seg[j]`` / row ``red_row[j]``. Slots past
+the real counts hold seg -1 / n 0 and write nothing, so every size is known on the host while the
+contents are computed on the device (pack_plan: no host sync). A segment may be empty (count 0,
+one chunk that writes a zero row): AoT's training step sizes its per-batch table by a bound.
 """
 from __future__ import annotations
 
@@ -35,7 +48,7 @@ import torch
 from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_count, check_flag, check_index_range, check_same_device,
                       check_tensor)
 from ._common import acc_dtype, acc_fp64
-from ._dispatch import HAS_TRITON, autotune, next_pow2, use_triton
+from ._dispatch import HAS_TRITON, autotune, interpreting, next_pow2, use_triton
 
 if HAS_TRITON:
     import triton
@@ -44,7 +57,7 @@ if HAS_TRITON:
 __all__ = [
     "gather_add", "gather_add_reference", "table_grad_rows", "table_grad_rows_reference",
     "table_grad_dense", "table_grad_dense_reference", "segment_plan", "pack_plan", "flat_table_rows",
-    "plan_num_segments", "round_once",
+    "plan_num_segments", "plan_shift_rows", "plan_sizes", "segment_chunk", "segment_sums_kernel_order", "round_once",
     "check_gather_add_args", "check_plan", "check_float_dtype", "check_count", "check_flag",
     "check_grad_args", "check_task_tensor", "internal_overlap",
 ]
@@ -115,17 +128,22 @@ if HAS_TRITON:
                 s = _fp32_round_to_odd(s)  # then one rounding to 16 bits
         tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], s.to(out_ptr.dtype.element_ty), mask=mask)
 
-    # The segment sum adds the gradient rows one by one, in plan order, into a [BLOCK_D]
-    # accumulator: every column's summation order is the plan's, whatever config the autotuner
-    # picks (two processes may pick different ones), so the result is bitwise the same. A 2-D
-    # [BLOCK_R, BLOCK_D] accumulator reduced over its rows at the end would make the order (and
-    # the last bits) depend on BLOCK_R and, on the GPU, on the reduction's layout (BLOCK_D, warps).
-    # BLOCK_R is the number of rows loaded per step (an unrolled loop: loads in flight), kept at
-    # one value anyway; only the column block and the warps are tuned.
+    # The segment sum adds gradient rows one by one, in plan order, into a [BLOCK_D] accumulator:
+    # every column's summation order is the plan's, whatever config the autotuner picks (two
+    # processes may pick different ones), so the result is bitwise the same. A 2-D [BLOCK_R,
+    # BLOCK_D] accumulator reduced over its rows at the end would make the order (and the last
+    # bits) depend on BLOCK_R and, on the GPU, on the reduction's layout (BLOCK_D, warps). BLOCK_R
+    # is the number of rows loaded per step (an unrolled loop: loads in flight), kept at one value
+    # anyway; only the column block and the warps are tuned.
+    #
+    # Skew: one program per chunk of at most segment_chunk() tokens (not per segment), so a pad id
+    # holding half the batch is many programs instead of one long serial loop. A segment of one
+    # chunk is stored directly; the chunks of a longer one store fp32 (fp64) partials, which
+    # _segment_reduce_kernel adds in chunk order and rounds once.
     _SEGMENT_ROWS = 8
     _SEGMENT_SUM_CONFIGS = [
         triton.Config({"BLOCK_R": _SEGMENT_ROWS, "BLOCK_D": c}, num_warps=w)
-        for c, w in [(128, 1), (256, 2), (512, 4), (1024, 8), (2048, 8)]  # (1024, 4) made ptxas spill
+        for c, w in [(128, 1), (256, 2), (512, 4), (1024, 8), (2048, 16)]  # (1024, 4), (2048, 8) made ptxas spill
     ]
 
     @autotune(
@@ -135,39 +153,89 @@ if HAS_TRITON:
     )
     # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
     # shape never recompiles (see docs/gpu-verification.md)
-    @triton.jit(do_not_specialize=["n_tokens", "n_segments"])
+    @triton.jit(do_not_specialize=["n_tokens", "n_segments", "n_chunks", "n_out_rows"])
     def _segment_sum_kernel(
-        g_ptr, plan_ptr, out_ptr,
-        n_tokens, n_segments, d, stride_g, stride_o,
+        g_ptr, plan_ptr, out_ptr, part_ptr,
+        n_tokens, n_segments, n_chunks, n_out_rows, d, stride_g, stride_o, stride_p,
+        ROW_FROM_PLAN: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_col_blocks = tl.cdiv(d, BLOCK_D)
+        chunk = (pid // n_col_blocks).to(tl.int64)
+        col_block = pid % n_col_blocks
+        table = plan_ptr + n_tokens + 2 * n_segments  # chunk_start | chunk_count | chunk_seg | chunk_row | chunk_part
+        start = tl.load(table + chunk)
+        count = tl.load(table + n_chunks + chunk).to(tl.int32)
+        seg = tl.load(table + 2 * n_chunks + chunk)
+        if ROW_FROM_PLAN:
+            out_row = tl.load(table + 3 * n_chunks + chunk)
+        else:
+            out_row = seg
+        part = tl.load(table + 4 * n_chunks + chunk)  # 1: a partial of a longer segment, 0: the whole segment
+        cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        acc = tl.zeros([BLOCK_D], dtype=tl.float64 if ACC_FP64 else tl.float32)
+        for k in range(0, count, BLOCK_R):  # an unused slot (seg < 0) has count 0
+            for r in tl.static_range(BLOCK_R):  # token order; BLOCK_R row loads in flight
+                # past the chunk's end: re-read its last row (count >= 1) and add +0.0 instead,
+                # exact since acc starts at +0 and so is never -0; the loads then share col_ok
+                # as their mask (per-row masks made ptxas spill predicates)
+                src = tl.load(plan_ptr + start + tl.minimum(k + r, count - 1))
+                g = tl.load(g_ptr + src * stride_g + cols, mask=col_ok, other=0.0, eviction_policy="evict_first")
+                acc += tl.where(k + r < count, g.to(acc.dtype), 0.0)
+        # the program's conditions as a column bound (cols < 0 stores nothing): a scalar predicate
+        # and-ed into a vector mask breaks triton's interpreter (an int32 mask)
+        used = seg >= 0
+        part_cols = tl.where(used & (part != 0), d, 0)
+        tl.store(part_ptr + chunk * stride_p + cols, acc, mask=cols < part_cols)
+        if ACC_FP64:
+            if out_ptr.dtype.element_ty.primitive_bitwidth < 32:  # fp64 gradient into a 16-bit table
+                acc = _fp32_round_to_odd(acc)  # then one rounding to 16 bits
+        out_cols = tl.where(used & (part == 0) & (out_row >= 0) & (out_row < n_out_rows), d, 0)  # no row outside out
+        tl.store(out_ptr + out_row * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < out_cols)
+
+    # the second pass reads <= N / chunk partials per segment, contiguous rows: a narrow column
+    # block gives the few long segments more programs
+    _SEGMENT_REDUCE_CONFIGS = [
+        triton.Config({"BLOCK_R": _SEGMENT_ROWS, "BLOCK_D": c}, num_warps=w)
+        for c, w in [(128, 1), (256, 2), (512, 4), (1024, 8)]
+    ]
+
+    @autotune(
+        configs=_SEGMENT_REDUCE_CONFIGS,
+        key=["d"],
+        interpret_config=triton.Config({"BLOCK_R": 4, "BLOCK_D": 64}),
+    )
+    @triton.jit(do_not_specialize=["n_tokens", "n_segments", "n_chunks", "n_reduce", "n_out_rows"])
+    def _segment_reduce_kernel(
+        part_ptr, plan_ptr, out_ptr,
+        n_tokens, n_segments, n_chunks, n_reduce, n_out_rows, d, stride_p, stride_o,
         ROW_FROM_PLAN: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_col_blocks = tl.cdiv(d, BLOCK_D)
         slot = (pid // n_col_blocks).to(tl.int64)
         col_block = pid % n_col_blocks
-        slots = plan_ptr + n_tokens + 2 * n_segments  # slot_seg | slot_start | slot_count | slot_row
-        start = tl.load(slots + n_segments + slot)
-        count = tl.load(slots + 2 * n_segments + slot).to(tl.int32)
+        table = plan_ptr + n_tokens + 2 * n_segments + 5 * n_chunks  # red_first | red_n | red_seg | red_row
+        first = tl.load(table + slot)
+        n = tl.load(table + n_reduce + slot).to(tl.int32)
         if ROW_FROM_PLAN:
-            out_row = tl.load(slots + 3 * n_segments + slot)
+            out_row = tl.load(table + 3 * n_reduce + slot)
         else:
-            out_row = tl.load(slots + slot)
+            out_row = tl.load(table + 2 * n_reduce + slot)
         cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
         col_ok = cols < d
         acc = tl.zeros([BLOCK_D], dtype=tl.float64 if ACC_FP64 else tl.float32)
-        seg = plan_ptr + start
-        for k in range(0, count, BLOCK_R):
-            for r in tl.static_range(BLOCK_R):  # token order; BLOCK_R row loads in flight
-                # past the segment's end: re-read its last row (count >= 1) and add +0.0 instead,
-                # exact since acc starts at +0 and so is never -0; the loads then share col_ok
-                # as their mask (per-row masks made ptxas spill predicates)
-                src = tl.load(seg + tl.minimum(k + r, count - 1))
-                g = tl.load(g_ptr + src * stride_g + cols, mask=col_ok, other=0.0, eviction_policy="evict_first")
-                acc += tl.where(k + r < count, g.to(acc.dtype), 0.0)
+        for k in range(0, n, BLOCK_R):  # an unused slot has n = 0
+            for r in tl.static_range(BLOCK_R):  # chunk order, as in _segment_sum_kernel
+                row = first + tl.minimum(k + r, n - 1)
+                p = tl.load(part_ptr + row * stride_p + cols, mask=col_ok, other=0.0, eviction_policy="evict_first")
+                acc += tl.where(k + r < n, p, 0.0)
         if ACC_FP64:
-            if out_ptr.dtype.element_ty.primitive_bitwidth < 32:  # fp64 gradient into a 16-bit table
-                acc = _fp32_round_to_odd(acc)  # then one rounding to 16 bits
-        tl.store(out_ptr + out_row * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+            if out_ptr.dtype.element_ty.primitive_bitwidth < 32:
+                acc = _fp32_round_to_odd(acc)
+        out_cols = tl.where((n > 0) & (out_row >= 0) & (out_row < n_out_rows), d, 0)
+        tl.store(out_ptr + out_row * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < out_cols)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,19 +291,51 @@ def _launch_gather_add(h2, ids1, table, task_ids, tokens_per_sample, out2):
     return out2
 
 
-def _launch_segment_sum(g2, plan, n_segments, out2, row_from_plan):
+def segment_chunk() -> int:
+    """Tokens per program of the table backward (a fixed size: it fixes the summation order, see
+    the module docstring). Small under the interpreter, so that tests cover many chunks."""
+    return 16 if interpreting() else 256
+
+
+def plan_sizes(n_tokens: int, n_segments: int) -> tuple[int, int, int]:
+    """(chunk slots C, reduce slots R, scratch rows) of a plan: host bounds, no data needed.
+
+    With K = segment_chunk(): Σ_s max(1, ceil(c_s / K)) <= N // K + U chunks; at most N // (K + 1)
+    segments have more than one chunk; their chunks number at most N // K + N // (K + 1)."""
+    k = segment_chunk()
+    n_reduce = n_tokens // (k + 1)
+    return n_tokens // k + n_segments, n_reduce, n_tokens // k + n_reduce
+
+
+def _launch_segment_sum(g2, plan, n_segments, out2, row_from_plan, configs=None):
+    """Both passes of the table backward into out2 [n_out_rows, d]. ``configs``: (sum, reduce)
+    triton.Config pair run directly instead of the autotuner's pick (tests)."""
     n_tokens, d = g2.shape
     if n_segments == 0:
         return out2
+    n_chunks, n_reduce, n_scratch = plan_sizes(n_tokens, n_segments)
+    acc_fp = acc_fp64(g2.dtype)
+    scratch = torch.empty(max(n_scratch, 1), d, dtype=torch.float64 if acc_fp else torch.float32, device=g2.device)
+    sizes = dict(n_tokens=n_tokens, n_segments=n_segments, n_chunks=n_chunks, n_out_rows=out2.shape[0], d=d)
+    flags = dict(ROW_FROM_PLAN=row_from_plan, ACC_FP64=acc_fp,
+                 enable_fp_fusion=_FP_FUSION_SEGMENT_SUM)  # adds only
 
-    def grid(meta):
-        return (n_segments * triton.cdiv(d, meta["BLOCK_D"]),)
+    def grid(rows):
+        return lambda meta: (rows * triton.cdiv(d, meta["BLOCK_D"]),)
 
-    _segment_sum_kernel[grid](
-        g2, plan, out2, n_tokens, n_segments, d, g2.stride(0), out2.stride(0),
-        ROW_FROM_PLAN=row_from_plan, ACC_FP64=acc_fp64(g2.dtype),
-        enable_fp_fusion=_FP_FUSION_SEGMENT_SUM,  # adds only
-    )
+    def launch(kernel, rows, cfg, *args, **kw):
+        if cfg is None:
+            kernel[grid(rows)](*args, **kw)
+        else:
+            kernel.fn[(rows * triton.cdiv(d, cfg.kwargs["BLOCK_D"]),)](*args, **kw, **cfg.kwargs,
+                                                                      num_warps=cfg.num_warps)
+
+    sum_cfg, reduce_cfg = configs or (None, None)
+    launch(_segment_sum_kernel, n_chunks, sum_cfg, g2, plan, out2, scratch, **sizes,
+           stride_g=g2.stride(0), stride_o=out2.stride(0), stride_p=scratch.stride(0), **flags)
+    if n_reduce:
+        launch(_segment_reduce_kernel, n_reduce, reduce_cfg, scratch, plan, out2, **sizes, n_reduce=n_reduce,
+               stride_p=scratch.stride(0), stride_o=out2.stride(0), **flags)
     return out2
 
 
@@ -281,6 +381,40 @@ def _split_plan(plan: torch.Tensor, n_tokens: int):
     """(perm, seg_row, seg_count) views of a plan."""
     u = plan_num_segments(plan, n_tokens)
     return plan[:n_tokens], plan[n_tokens:n_tokens + u], plan[n_tokens + u:n_tokens + 2 * u]
+
+
+def _chunk_tables(plan: torch.Tensor, n_tokens: int):
+    """([5, C] chunk_start, chunk_count, chunk_seg, chunk_row, chunk_part; [4, R] red_first, red_n,
+    red_seg, red_row) views of a plan."""
+    u = plan_num_segments(plan, n_tokens)
+    n_chunks, n_reduce, _ = plan_sizes(n_tokens, u)
+    base = n_tokens + 2 * u
+    return (plan[base:base + 5 * n_chunks].view(5, n_chunks),
+            plan[base + 5 * n_chunks:base + 5 * n_chunks + 4 * n_reduce].view(4, n_reduce))
+
+
+def segment_sums_kernel_order(grad2: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+    """The table backward's segment sums [U, d] (fp32, fp64 for fp64 grad) added in exactly the
+    kernels' order, for bitwise tests: every chunk token by token from +0, then a longer segment's
+    chunk partials in chunk order from +0. Vectorised over chunks: one step per token position."""
+    n, d = grad2.shape
+    acc = acc_dtype(grad2.dtype)
+    u = plan_num_segments(plan, n)
+    perm = plan[:n]
+    (c_start, c_count, c_seg, _, c_part), (r_first, r_n, r_seg, _) = _chunk_tables(plan, n)
+    g = grad2.to(acc)
+    part = torch.zeros(c_start.numel(), d, dtype=acc, device=grad2.device)
+    for j in range(int(c_count.max()) if c_count.numel() else 0):
+        rows = g[perm[(c_start + j).clamp(0, max(n - 1, 0))]]
+        part += torch.where((j < c_count)[:, None], rows, 0.0)
+    out = torch.zeros(u, d, dtype=acc, device=grad2.device)
+    direct = (c_seg >= 0) & (c_part == 0)
+    out[c_seg[direct]] = part[direct]
+    total = torch.zeros(r_first.numel(), d, dtype=acc, device=grad2.device)
+    for j in range(int(r_n.max()) if r_n.numel() else 0):
+        total += torch.where((j < r_n)[:, None], part[(r_first + j).clamp(0, part.shape[0] - 1)], 0.0)
+    out[r_seg[r_n > 0]] = total[r_n > 0]
+    return out
 
 
 def table_grad_rows_reference(grad, ids, vocab, task_ids=None, dtype=torch.float32, plan=None):
@@ -451,55 +585,93 @@ def gather_add(hidden, ids, table, task_ids=None, *, out=None, validate: bool = 
 
 
 def pack_plan(perm: torch.Tensor, seg_row: torch.Tensor, seg_count: torch.Tensor) -> torch.Tensor:
-    """A segment plan from the token order, the ascending distinct rows and their counts."""
-    seg_count = seg_count.long()
-    starts = torch.cumsum(seg_count, 0) - seg_count
-    order = torch.argsort(seg_count, descending=True, stable=True)
-    return torch.cat([perm.long(), seg_row.long(), seg_count, order, starts[order], seg_count[order],
-                      seg_row.long()[order]])
+    """A segment plan (layout in the module docstring) from the token order, the segments' rows
+    (ascending) and their token counts: device work only, no host sync. A segment may be empty
+    (count 0, the padding of a plan sized by a bound): its one chunk writes a zero row."""
+    perm, seg_row, count = perm.long(), seg_row.long(), seg_count.long()
+    n, u = perm.numel(), count.numel()
+    if u == 0:
+        return torch.cat([perm, seg_row, count])
+    k = segment_chunk()
+    n_chunks, n_reduce, _ = plan_sizes(n, u)
+    dev = perm.device
+    start = torch.cumsum(count, 0) - count
+    # longest first: the chunks of multi-chunk segments take slots 0, 1, ... (their scratch rows)
+    # and their programs start first; ties in segment order
+    order = torch.argsort(count, descending=True, stable=True)
+    n_ch = ((count + (k - 1)) // k).clamp(min=1)[order]
+    end = torch.cumsum(n_ch, 0)  # the segment at position p owns chunk slots [end[p] - n_ch[p], end[p])
+    slot = torch.arange(n_chunks, device=dev)
+    p = torch.searchsorted(end, slot, right=True)
+    used = p < u  # slots past the real number of chunks: seg -1, count 0 (their programs write nothing)
+    p = p.clamp(max=u - 1)
+    seg = order[p]
+    j = slot - (end - n_ch)[p]
+    chunks = [torch.where(used, start[seg] + j * k, 0), torch.where(used, (count[seg] - j * k).clamp(0, k), 0),
+              torch.where(used, seg, -1), torch.where(used, seg_row[seg], -1), (used & (n_ch[p] > 1)).long()]
+    q = torch.arange(n_reduce, device=dev)
+    multi = (q < u) & (n_ch[q.clamp(max=u - 1)] > 1)  # the first positions: all multi-chunk segments
+    q = q.clamp(max=u - 1)
+    reduce = [torch.where(multi, end[q] - n_ch[q], 0), torch.where(multi, n_ch[q], 0),
+              torch.where(multi, order[q], -1), torch.where(multi, seg_row[order[q]], -1)]
+    return torch.cat([perm, seg_row, count, *chunks, *reduce])
 
 
 def segment_plan(flat_rows: torch.Tensor) -> torch.Tensor:
     """The segment plan (layout in the module docstring) of the table rows tokens read.
 
     One stable sort of the N rows plus a unique pass (one host sync, for U). Reuse the plan for
-    every backward that shares the ids (e.g. all layers of a model in one step)."""
+    every backward that shares the ids (e.g. all layers of a model in one step). The AoT model's
+    training step builds its plan without the sync (peftops/aot.py, AoTBias.capture)."""
     check_tensor("flat_rows", flat_rows, ndim=1, dtypes=INDEX_DTYPES)
     sorted_rows, perm = torch.sort(flat_rows.long(), stable=True)
     seg_row, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     return pack_plan(perm, seg_row, counts)
 
 
+def plan_shift_rows(plan: torch.Tensor, n_tokens: int, offset: int) -> torch.Tensor:
+    """The plan with every segment's row moved by ``offset`` (task·V: the ids' plan as one task's
+    part of a stacked table)."""
+    perm, seg_row, seg_count = _split_plan(plan, n_tokens)
+    return pack_plan(perm, seg_row + offset, seg_count)
+
+
+def _plan_fixed_size(n: int) -> int:
+    k = segment_chunk()
+    return n + 5 * (n // k) + 4 * (n // (k + 1))
+
+
 def plan_num_segments(plan: torch.Tensor, n_tokens: int) -> int:
     """U of a plan built for n_tokens tokens (shape arithmetic only)."""
-    extra = plan.numel() - n_tokens
-    if extra < 0 or extra % 6:
+    extra = plan.numel() - _plan_fixed_size(n_tokens)
+    if extra < 0 or extra % 7:
         raise ValueError(f"plan: {plan.numel()} entries do not fit the layout for {n_tokens} tokens")
-    return extra // 6
+    return extra // 7
 
 
 def check_plan(plan, ids, task_ids, vocab: int, *, values: bool = True) -> None:
     """``plan`` is segment_plan(flat_table_rows(ids, task_ids, vocab)), or raise ``plan: ...``.
 
-    Always (shape only, no sync): a 1-D int64 tensor on ids' device of N + 6U entries, 1 <= U <= N
-    (U = 0 iff N = 0). With ``values`` (ids already range-checked) the contents too, in O(N + U)
-    work, no sort, one host sync: perm is a permutation of the N tokens (bincount), the rows they
-    read in plan order equal seg_row repeated seg_count times, seg_row strictly ascending, perm
-    ascending inside a segment (stable), and the slots are the segments longest first (ties in
-    segment order) with their starts, counts and rows. Together: the plan equals the one built
-    from these ids, entry for entry."""
+    Always (shape only, no sync): a 1-D int64 tensor on ids' device of N + 5(N // K) + 4(N // (K+1))
+    + 7U entries (K = segment_chunk()), 1 <= U <= N (U = 0 iff N = 0). With ``values`` (ids
+    already range-checked) the contents too, in O(N + U) work, no sort, one host sync: perm is a
+    permutation of the N tokens (bincount), the rows they read in plan order equal seg_row
+    repeated seg_count times, seg_row strictly ascending, perm ascending inside a segment
+    (stable), and the chunk and reduce tables are pack_plan's for these segments. Together: the
+    plan equals the one built from these ids, entry for entry."""
     check_tensor("plan", plan, ndim=1, dtypes=(torch.int64,))
     if plan.device != ids.device:
         raise ValueError(f"plan: expected a tensor on {ids.device} (input_ids' device), got one on {plan.device}")
     n = ids.numel()
-    extra = plan.numel() - n
-    u = extra // 6
-    if extra < 0 or extra % 6 or u > n or (u == 0) != (n == 0):
+    extra = plan.numel() - _plan_fixed_size(n)
+    u = extra // 7
+    if extra < 0 or extra % 7 or u > n or (u == 0) != (n == 0):
         raise ValueError(f"plan: {plan.numel()} entries do not fit the layout for the {n} tokens of input_ids "
-                         f"(N + 6U with 1 <= U <= N); build it with aot_segment_plan from these ids")
+                         f"(N + 5(N // K) + 4(N // (K + 1)) + 7U with 1 <= U <= N, K = {segment_chunk()}); "
+                         "build it with aot_segment_plan from these ids")
     if not values or n == 0:
         return
-    perm, seg_row, seg_count, slot_seg, slot_start, slot_count, slot_row = torch.split(plan, [n] + [u] * 6)
+    perm, seg_row, seg_count = _split_plan(plan, n)
     rows = flat_table_rows(ids, task_ids, vocab)
     checks = {}
     checks["perm is not a permutation of the tokens"] = (
@@ -512,15 +684,9 @@ def check_plan(plan, ids, task_ids, vocab: int, *, values: bool = True) -> None:
     checks["segment rows are not strictly ascending"] = (seg_row[1:] > seg_row[:-1]).all()
     checks["tokens inside a segment are not in order (stable sort)"] = (
         (perm[1:] > perm[:-1]) | (seg_of[1:] != seg_of[:-1])).all()
-    ss = slot_seg.clamp(0, u - 1)
-    checks["slots are not a permutation of the segments"] = (
-        ((slot_seg >= 0) & (slot_seg < u)).all() & (torch.bincount(ss, minlength=u) == 1).all())
-    checks["slot starts, counts or rows differ from their segments'"] = (
-        (slot_count == seg_count[ss]).all() & (slot_start == (ends - seg_count)[ss]).all()
-        & (slot_row == seg_row[ss]).all())
-    checks["slots are not longest first"] = (
-        (slot_count[1:] < slot_count[:-1]) | ((slot_count[1:] == slot_count[:-1]) & (slot_seg[1:] > slot_seg[:-1]))
-    ).all()
+    tail = n + 2 * u
+    checks["its chunk table differs from the one its segments give"] = (
+        plan[tail:] == pack_plan(perm, seg_row, seg_count)[tail:]).all()
     flags = torch.stack(list(checks.values())).tolist()  # the one host sync
     for what, ok in zip(checks, flags):
         if not ok:

@@ -202,10 +202,7 @@ def aot_bias_add(hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Ten
                                     validate=validate, plan=plan, inplace=inplace).squeeze(0)
             if plan is not None:
                 K.check_plan(plan, input_ids, None, table.shape[1], values=False)
-                n, u = input_ids.numel(), K.plan_num_segments(plan, input_ids.numel())
-                shift = torch.zeros_like(plan)
-                shift[n:n + u] = shift[n + 6 * u - u:] = task * table.shape[1]
-                plan = plan + shift
+                plan = K.plan_shift_rows(plan, input_ids.numel(), task * table.shape[1])
             task_ids = torch.full((input_ids.shape[0],), task, dtype=torch.long, device=table.device)
         else:
             table, task_ids = table[task], None
@@ -617,18 +614,34 @@ class AoTBias(nn.Module):
 
     # -- per-forward capture ---------------------------------------------------------------------
     def capture(self, ids: Tensor) -> None:
-        """Called with the ids the word embedding is about to embed: prepares this forward's bias."""
+        """Called with the ids the word embedding is about to embed: prepares this forward's bias.
+
+        No host sync (docs/design.md#aot-kernels): the batch's distinct ids come from a stable sort
+        and a cumsum, and everything is sized by the bound M = min(N, V) instead of their number U,
+        so rows U..M-1 of the per-batch table are computed (from a batch id), read by no token and
+        get a zero gradient. No range check either: the word embedding's own lookup of these ids,
+        right after this hook, rejects a bad one (as in the plain model); until then AoT indexes
+        with ids clamped to [0, V), so it never reads or writes out of bounds first."""
         rt = self._rt
         rt.ids = ids
         if self.compiled:
             return
-        uniq, inv, counts = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True, return_counts=True)
-        rt.uniq, rt.inv = uniq, inv.view(ids.shape)
-        rt.features = self.features(uniq)
+        flat = ids.reshape(-1).clamp(0, self.vocab_size - 1)
+        n = flat.numel()
+        m = min(n, self.vocab_size)
+        sorted_ids, perm = torch.sort(flat, stable=True)
+        first = torch.cat([torch.ones_like(sorted_ids[:1], dtype=torch.bool), sorted_ids[1:] != sorted_ids[:-1]])
+        seg = torch.cumsum(first, 0) - 1  # sorted token -> its id's rank among the batch's distinct ids
+        rt.inv = torch.empty_like(seg).scatter_(0, perm, seg).view(ids.shape)
+        # padding rows: the smallest batch id (a row the batch has anyway: a sparse gradient
+        # coalesces them away); duplicate scatter indices all write the same id
+        rt.uniq = sorted_ids[:1].expand(m).clone().scatter_(0, seg, sorted_ids)
+        rt.features = self.features(rt.uniq)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            # one sort plan for the backward of every layer (the rows of a per-batch table are 0..U-1)
-            perm = torch.argsort(inv, stable=True)
-            rt.plan = K.pack_plan(perm, torch.arange(uniq.numel(), device=ids.device), counts)
+            # one sort plan for the backward of every layer (the rows of a per-batch table are 0..M-1);
+            # integer scatter-add: exact, so deterministic
+            counts = torch.zeros(m, dtype=torch.long, device=ids.device).scatter_add_(0, seg, torch.ones_like(seg))
+            rt.plan = K.pack_plan(perm, torch.arange(m, device=ids.device), counts)
         else:
             rt.plan = None
 

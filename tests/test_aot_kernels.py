@@ -350,12 +350,12 @@ def test_plan_of_other_ids_is_refused(device, backend):
     start = int(seg_count[:s].sum())
     unstable = plan.clone()  # two tokens of one segment swapped: the same sums, not the same order
     unstable[start], unstable[start + 1] = plan[start + 1], plan[start]
-    slots = plan.clone()
-    slots[15 + 4 * n_seg:15 + 5 * n_seg] += 1  # slot starts shifted
+    chunks = plan.clone()
+    chunks[15 + 2 * n_seg:15 + 3 * n_seg] += 1  # chunk starts shifted
     with force_backend(backend):
         for bad, exc, match in [(other, ValueError, "rows its tokens read"), (unstable, ValueError, "stable"),
-                                (slots, ValueError, "slot starts"), (plan[:-1], ValueError, "entries do not fit"),
-                                (plan[:-6], ValueError, "counts"),
+                                (chunks, ValueError, "chunk table"), (plan[:-1], ValueError, "entries do not fit"),
+                                (plan[:-7], ValueError, "counts"),
                                 (plan.int(), TypeError, "expected dtype"), (plan.float(), TypeError, "expected dtype"),
                                 (plan.view(1, -1), ValueError, "expected 1 dims")]:
             with pytest.raises(exc, match=r"^plan: .*" + match):

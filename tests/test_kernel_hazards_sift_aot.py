@@ -1,14 +1,15 @@
 """GPU-only hazards of the SIFT and AoT kernels, pinned down without a GPU.
 
-* _sddmm_partial_kernel: partial[e] is stored by one thread and read back at the next T tile by
-  another; a barrier at the end of every T tile must order the two (compile test, sm_90 TTGIR).
+* _sddmm_chunk_kernel: the T loop carries its partial sums in registers only: no store, load of
+  partial or barrier inside it, the entry indices loaded before it, one store after it (compile
+  test, sm_90 TTGIR); bitwise reproducible and the same for any T-slice boundaries' programs.
 * _topk_compact_kernel: blocks without candidates must not touch the shared candidate counter
   (compile test: the atomic is masked) and still write a defined, empty segment (interpreter).
 * bf16 round-to-nearest-even by bit trick: NaN stays NaN, everything else equals torch's cast,
   over every exponent/sign/high mantissa and the low halves that decide the rounding.
 * FP contraction: every launch states enable_fp_fusion, with the value its kernel's claim needs.
 * Autotuned kernels: every config gives bitwise the same result (two processes may pick
-  different configs), the segment sum equals the sequential fp32 sum in plan order.
+  different configs), the segment sum equals the sequential fp32 sum in plan order, chunk by chunk.
 
 Compile tests run in a subprocess with TRITON_INTERPRET=0 (this process runs the interpreter).
 """
@@ -94,46 +95,50 @@ def _region_end(ops, opener_line: int) -> int:
 
 
 _SDDMM_SIG = {"dyt_ptr": "*{dt}", "xt_ptr": "*{dt}", "e_row_ptr": "*i32", "e_col_ptr": "*i32",
-              "group_start_ptr": "*i64", "partial_ptr": "*{acc}", "T": "i32", "t_split": "i32", "k": "i32",
-              "t_bucket": "i32", "group_rows": "i32",
-              "ACC_FP64": "constexpr", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"}
+              "partial_ptr": "*{acc}", "T": "i32", "k": "i32", "ld": "i32",
+              "ACC_FP64": "constexpr", "BLOCK_E": "constexpr", "BLOCK_T": "constexpr", "N_SUB": "constexpr",
+              "T_SLICE": "constexpr"}
 
 
 @pytest.fixture(scope="module")
 def sddmm_ttgir():
-    """TTGIR of _sddmm_partial_kernel for every autotune config, fp32 / bf16 / fp64 inputs."""
+    """TTGIR of _sddmm_chunk_kernel in the GPU configuration of fp32 / bf16 / fp64 inputs."""
     body = f"""
     SIG = {_SDDMM_SIG!r}
-    for dt, acc, block_t in [("fp32", "fp32", 32), ("bf16", "fp32", 64), ("fp64", "fp64", 16)]:
+    for dt, acc, torch_dt in [("fp32", "fp32", "float32"), ("bf16", "fp32", "bfloat16"), ("fp64", "fp64", "float64")]:
+        import torch
+        from peftops.kernels import _dispatch
+        block_e, block_t, n_sub, warps, t_slice = S._sddmm_params(getattr(torch, torch_dt))
         sig = {{a: t.format(dt=dt, acc=acc) for a, t in SIG.items()}}
-        for cfg in S._SDDMM_CONFIGS:
-            consts = {{"ACC_FP64": acc == "fp64", "BLOCK_T": block_t, **cfg.kwargs}}
-            out[f"{{dt}}|{{cfg.kwargs['BLOCK_E']}}|{{cfg.num_warps}}"] = compile_ttgir(
-                S._sddmm_partial_kernel, sig, consts, cfg.num_warps)
+        consts = {{"ACC_FP64": acc == "fp64", "BLOCK_E": block_e, "BLOCK_T": block_t, "N_SUB": n_sub,
+                  "T_SLICE": t_slice}}
+        out[f"{{dt}}|{{block_e}}|{{warps}}|{{t_slice // block_t}}"] = compile_ttgir(S._sddmm_chunk_kernel, sig, consts,
+                                                                                  warps)
     """
     return _compile_in_subprocess(body)
 
 
 @needs_triton
-def test_sddmm_partial_barrier_orders_each_tile_stores_before_the_next_tiles_loads(sddmm_ttgir):
-    """partial[e] += ... across T tiles: the store of tile t0 (after a layout conversion, by
-    another thread than the one that loads it back at tile t0 + 1) must be ordered by a CTA
-    barrier between the entry loop and the next T tile, for every config (BLOCK_E=64 included,
-    where a group of <= BLOCK_E entries has nothing else in between)."""
-    assert any(key.split("|")[1] == "64" for key in sddmm_ttgir)
+def test_sddmm_chunk_loop_carries_partial_sums_in_registers_only(sddmm_ttgir):
+    """The design's point (docs/design.md#sddmm-at-low-density): per sub-block the (row, col) loads,
+    the operand gathers of every token tile of the slice (unrolled: all in flight together), the
+    FMAs into a register tile and one store of the reduced sums. Nothing is read back from partial,
+    and there is no barrier or atomic: each (slice, entry) is written by exactly one store."""
+    assert len(sddmm_ttgir) == 3
     for key, ttgir in sddmm_ttgir.items():
+        n_tiles = int(key.split("|")[3])
         ops = _ops_with_regions(ttgir)
-        stores = [(i, encl) for i, line, encl in ops if line.startswith("tt.store")]
-        assert len(stores) == 1, key
-        _, encl = stores[0]
-        loops = [(i, name) for i, name in encl if name == "scf.for"]
-        assert len(loops) == 2, (key, encl)  # T tiles (outer) and entries (inner)
-        (outer, _), (inner, _) = loops
-        inner_end = _region_end(ops, inner)
-        barriers = [i for i, line, e in ops
-                    if re.match(r"^(gpu\.barrier|ttg\.barrier)\b", line) and e and e[-1][0] == outer
-                    and i >= inner_end]
-        assert barriers, f"{key}: no barrier after the entry loop inside the T-tile loop"
+        loops = [i for i, line, encl in ops if re.match(r"^(%[\w.#:, %]+ = )?scf\.for\b", line)]
+        assert len(loops) == 1, key  # the sub-blocks; the token tiles are unrolled
+        (loop,) = loops
+        in_loop = [line for i, line, encl in ops if any(j == loop for j, _ in encl)]
+        tiles = [line for line in in_loop if "tt.load" in line and re.search(r"tensor<\d+x\d+x", line)]
+        vectors = [line for line in in_loop if "tt.load" in line and not re.search(r"tensor<\d+x\d+x", line)]
+        assert len(tiles) == 2 * n_tiles, (key, len(tiles))  # dy^T and x^T per token tile
+        assert len(vectors) == 2, (key, vectors)  # e_row, e_col: nothing else is read (no partial)
+        assert not any("barrier" in line or "atomic" in line for line in ttgir.splitlines()), key
+        stores = [i for i, line, _ in ops if line.startswith("tt.store")]
+        assert len(stores) == 1 and stores[0] in [i for i, _, encl in ops if any(j == loop for j, _ in encl)], key
 
 
 def _reduce_layouts(ttgir: str) -> list[dict]:
@@ -146,22 +151,6 @@ def _reduce_layouts(ttgir: str) -> list[dict]:
                   re.findall(r"(\w+) = \[([\d, ]+)\]", layouts[m.group(2)])}
         out.append({"axis": int(m.group(1)), **fields})
     return out
-
-
-@needs_triton
-def test_sddmm_partial_per_entry_sum_order_does_not_depend_on_block_e(sddmm_ttgir):
-    """BLOCK_E / num_warps (the tuned parameters) only spread entries over warps: the per-entry
-    sum over a T tile is laid out (per-thread elements, lanes, warps along T) the same way in
-    every config, so the reduction tree, hence the bits, do not depend on the autotuner's pick."""
-    by_dtype = {}
-    for key, ttgir in sddmm_ttgir.items():
-        (red,) = _reduce_layouts(ttgir)
-        assert red["axis"] == 1
-        along_t = (red["sizePerThread"][1], red["threadsPerWarp"][1], red["warpsPerCTA"][1], tuple(red["order"]))
-        by_dtype.setdefault(key.split("|")[0], set()).add(along_t)
-    assert len(by_dtype) == 3
-    for dt, layouts in by_dtype.items():
-        assert len(layouts) == 1, (dt, layouts)
 
 
 @needs_triton
@@ -303,7 +292,7 @@ def test_sparse_adamw_bf16_write_matches_torch_cast_bit_for_bit(big_elementwise_
 _EXPECTED_FUSION = {
     "_abs_accumulate_kernel": False, "_topk_sample_kernel": False, "_topk_compact_kernel": False,
     "_topk_radix_pass_kernel": False, "_topk_count_kernel": False, "_topk_write_kernel": False,
-    "_sddmm_partial_kernel": True, "_sddmm_reduce_kernel": True,
+    "_sddmm_chunk_kernel": True, "_sddmm_reduce_kernel": True,
     "_scatter_merged_kernel": False, "_sparse_adamw_kernel": False,
     "_gather_add_kernel": False, "_segment_sum_kernel": False,
 }
@@ -330,7 +319,8 @@ def test_every_launch_sets_fp_fusion_explicitly(monkeypatch):
         S.abs_accumulate_(acc, torch.randn(50, generator=gen))
         S.topk_abs_select(torch.randn(300, generator=gen), 7)
         rows, cols = torch.tensor([0, 2, 3]), torch.tensor([1, 0, 4])
-        S.sddmm_at_indices(torch.randn(9, 4, generator=gen), torch.randn(9, 5, generator=gen), rows, cols)
+        S.sddmm_at_indices(torch.randn(9, 4, generator=gen), torch.randn(9, 5, generator=gen), rows, cols,
+                           method="sparse")
         w = torch.zeros(4, 5, dtype=torch.bfloat16)
         idx = torch.tensor([1, 7, 19])
         S.scatter_merged_(w, idx, torch.ones(3), torch.zeros(3))
@@ -366,21 +356,25 @@ def test_segment_sum_is_bitwise_the_same_for_every_autotune_config(dtype):
     n, d = grad.shape
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     results = []
-    for cfg in A._SEGMENT_SUM_CONFIGS:
+    reduce_cfgs = A._SEGMENT_REDUCE_CONFIGS
+    for i, cfg in enumerate(A._SEGMENT_SUM_CONFIGS):  # both passes' configs (chunk sums, chunk partials)
         out = poisoned((n_seg, d), acc)
-        grid = (n_seg * -(-d // cfg.kwargs["BLOCK_D"]),)
-        A._segment_sum_kernel.fn[grid](grad, plan, out, n, n_seg, d, grad.stride(0), out.stride(0),
-                                       ROW_FROM_PLAN=False, ACC_FP64=dtype == torch.float64, **cfg.kwargs)
+        A._launch_segment_sum(grad, plan, n_seg, out, False, configs=(cfg, reduce_cfgs[i % len(reduce_cfgs)]))
         results.append(out)
     for cfg, out in zip(A._SEGMENT_SUM_CONFIGS, results):
         assert torch.equal(out, results[0]), f"config {cfg.kwargs} / {cfg.num_warps} warps changes the sums"
-    # the order is the plan's: bitwise the sequential sum, token by token, in the accumulation dtype
+    # the order is the plan's, cut into chunks of segment_chunk() tokens: each chunk token by token,
+    # then the chunks' sums in chunk order, in the accumulation dtype
     perm, seg_count = plan[:n], plan[n + n_seg:n + 2 * n_seg]
+    k = A.segment_chunk()
     start = 0
     for s, c in enumerate(seg_count.tolist()):
         want = torch.zeros(d, dtype=acc)
-        for t in perm[start:start + c].tolist():
-            want = want + grad[t].to(acc)
+        for lo in range(start, start + c, k):
+            part = torch.zeros(d, dtype=acc)
+            for t in perm[lo:min(lo + k, start + c)].tolist():
+                part = part + grad[t].to(acc)
+            want = want + part
         start += c
         assert torch.equal(results[0][s], want), s
     # and the public op (the autotuner's own single interpreter config) agrees
@@ -411,29 +405,36 @@ def test_gather_add_is_bitwise_the_same_for_every_autotune_config():
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sddmm_partial_is_bitwise_the_same_for_every_autotune_config(dtype):
+def test_sddmm_chunk_kernel_is_bitwise_reproducible_on_skewed_entries(dtype):
+    """Run to run the bits are equal (fixed config, fixed order, one store per (slice, entry)), and
+    skewed index sets (all entries in two rows, all in one column) are summed as exactly as a
+    uniform one: per-slice partials add up to the float64 sum within fp32 rounding."""
     g = torch.Generator().manual_seed(2)
-    T, d_out, d_in, k = 53, 9, 300, 700  # groups of > BLOCK_E entries and T tiles split in two
+    T, d_out, d_in = 53, 9, 300
     dy = (torch.randn(T, d_out, generator=g) * torch.exp(3 * torch.randn(T, 1, generator=g))).to(dtype)
     x = torch.randn(T, d_in, generator=g).to(dtype)
-    flat = torch.randperm(d_out * d_in, generator=g)[:k].sort().values
-    rows, cols = flat // d_in, flat % d_in
-    group_rows = S._sddmm_group_rows()
-    e_row, e_col, e_pos, group_start = S._sddmm_plan(rows, cols, d_out, d_in, group_rows)
-    block_t, n_split = 8, 2
-    per_split = -(-T // n_split)  # ceil(T / n_split), rounded up to whole tiles
-    t_split = -(-per_split // block_t) * block_t
-    results = []
-    for cfg in S._SDDMM_CONFIGS:
-        partial = poisoned((n_split, k), torch.float32)
-        S._sddmm_partial_kernel.fn[(group_start.numel() - 1, n_split)](
-            dy.t().contiguous(), x.t().contiguous(), e_row, e_col, group_start, partial, T, t_split, k, 6,
-            group_rows, ACC_FP64=False, BLOCK_T=block_t, **cfg.kwargs)
-        results.append(partial)
-    for out in results:
-        assert torch.equal(out, results[0])
-    got = torch.empty(k, dtype=torch.float64)
-    got[e_pos] = results[0].double().sum(0)
-    full = (dy.double().T @ x.double())[rows, cols]
-    magnitude = (dy.double().abs().T @ x.double().abs())[rows, cols]  # fp32 error bound scale
-    assert bool(((got - full).abs() <= 1e-5 * magnitude + 1e-30).all())
+    uniform = torch.randperm(d_out * d_in, generator=g)[:700].sort().values
+    two_rows = torch.cat([torch.arange(d_in) + 3 * d_in, torch.arange(d_in) + 8 * d_in])
+    one_col = torch.arange(d_out) * d_in + 17
+    block_e, block_t, n_sub, warps, t_slice = S._sddmm_params(dtype)
+    ld = -(-T // 16) * 16
+    dyt, xt = S._transposed_padded(dy, ld), S._transposed_padded(x, ld)
+    for flat in (uniform, two_rows, one_col):
+        rows, cols = flat // d_in, flat % d_in
+        k = rows.numel()
+        plan = S._sddmm_plan(rows, cols, d_out, d_in, block_e * n_sub)
+        n_chunks, n_split = S.sddmm_grid(T, k, block_e, n_sub, t_slice)
+        assert n_split > 1
+        full = (dy.double().T @ x.double())[rows, cols]
+        magnitude = (dy.double().abs().T @ x.double().abs())[rows, cols]  # fp32 error bound scale
+        runs = []
+        for _ in range(2):
+            partial = poisoned((n_split, k), torch.float32)
+            S._sddmm_chunk_kernel[(n_chunks, n_split)](
+                dyt, xt, plan.e_row, plan.e_col, partial, T, k, ld,
+                ACC_FP64=False, BLOCK_E=block_e, BLOCK_T=block_t, N_SUB=n_sub, T_SLICE=t_slice, num_warps=warps)
+            runs.append(partial)
+        assert torch.equal(runs[0], runs[1])
+        got = torch.empty(k, dtype=torch.float64)
+        got[plan.e_pos] = runs[0].double().sum(0)
+        assert bool(((got - full).abs() <= 1e-5 * magnitude + 1e-30).all()), k

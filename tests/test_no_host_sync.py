@@ -110,3 +110,34 @@ def test_sift_training_step_has_no_host_sync_on_cuda():
             torch.cuda.set_sync_debug_mode("default")
     ours = [w for w in caught if "peftops" in str(w.filename) or "/kernels/" in str(w.filename)]
     assert not ours, [(str(w.message), w.filename, w.lineno) for w in ours]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("reparam", ["kron", "fc"])
+def test_aot_training_step_has_no_host_sync(reparam):
+    """Capture (the batch's distinct ids without torch.unique), the gather-add with its deferred id
+    range check, the chunked segment sums of the backward: nothing waits for the device."""
+    from peftops.aot import AoTConfig
+
+    with force_backend("triton"):
+        model = peftops.apply(tiny_llama(), AoTConfig(reparam=reparam, rank=3))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        batches = _batches(3, 37)
+        train_steps(model, opt, batches[:1])
+        with count_host_syncs(allow=_step_counters(opt)) as log:
+            train_steps(model, opt, batches[1:])
+    assert not log.ours(), log.report(log.ours())
+
+
+@needs_interpreter
+def test_wegeft_training_step_has_no_host_sync():
+    from peftops.wegeft import WeGeFTConfig
+
+    with force_backend("triton"):
+        model = peftops.apply(tiny_llama(), WeGeFTConfig(r=4))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        batches = _batches(3, 37)
+        train_steps(model, opt, batches[:1])
+        with count_host_syncs(allow=_step_counters(opt)) as log:
+            train_steps(model, opt, batches[1:])
+    assert not log.ours(), log.report(log.ours())
