@@ -324,7 +324,13 @@ def _sddmm_reduce(k, n_split, acc) -> Launch:
 
 # The chunk kernel's configuration per element size, as kernels/sift.py's _sddmm_params has it:
 # (BLOCK_E, BLOCK_T, N_SUB, num_warps, T_SLICE); tests/test_perf_model.py checks that the two agree.
-SDDMM_PARAMS = {2: (128, 64, 8, 8, 128), 4: (128, 32, 8, 8, 64), 8: (64, 16, 16, 4, 32)}
+SDDMM_PARAMS = {2: (128, 64, 8, 16, 128), 4: (128, 32, 8, 8, 64), 8: (64, 16, 16, 4, 32)}
+
+
+# blocks/SM of _sddmm_chunk_kernel from the sm_90a compile check (triton 3.6 and 3.9: 16-bit ~92
+# registers x 16 warps -> 1, fp32 80-100 x 8 -> 2, fp64 48 x 4 -> 10), used until the committed static
+# report (bench/results/static-sm90a-*.json) has the kernel
+_SDDMM_CHUNK_BLOCKS = {2: 1, 4: 2, 8: 10}
 
 
 def sddmm_split(T: int, k: int, elem_bytes: int) -> tuple[int, int, int]:
@@ -389,7 +395,7 @@ def sddmm_sparse(T: int, d_out: int, d_in: int, k: int, elem_bytes: int, device:
     chunk = n_sub * block_e
     n_chunks, n_slices, _ = sddmm_split(T, k, e)
     occ = _occ("_sddmm_chunk_kernel", {"BLOCK_E": block_e, "BLOCK_T": block_t, "N_SUB": n_sub, "T_SLICE": t_slice},
-               _DTYPE[e], warps, occupancy if occupancy is not None else ("fallback", 2))
+               _DTYPE[e], warps, occupancy if occupancy is not None else ("fallback", _SDDMM_CHUNK_BLOCKS[e]))
     tile_r, tile_c = sddmm_tile(k, d_out, d_in, chunk)
     lines = tile_chunk_lines(min(chunk, k), tile_r, tile_c, k / (d_out * d_in))
     sub_issue = _sddmm_chunk_issue(block_e, block_t, t_slice, warps, e)

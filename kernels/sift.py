@@ -558,7 +558,7 @@ def _sddmm_params(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
         return 64, 16, 16, 4, 32
     if dtype == torch.float32:
         return 128, 32, 8, 8, 64
-    return 128, 64, 8, 8, 128
+    return 128, 64, 8, 16, 128
 
 
 def sddmm_tile(k: int, d_out: int, d_in: int, chunk: int) -> tuple[int, int]:
