@@ -9,8 +9,10 @@ Targets and the cases that hold their figures (T = 16384, d = 4096, r = 64, bf16
   (reference = peft.tuners.lora.Linear with bf16 adapters, measure_memory=True).
 - merge of 4096x4096 within 1.3x of its GEMMs: ``wegeft.merge_vs_gemms`` (reference = cuBLAS
   mm(W, Φᵀ) + addmm(W, ·, Ψ), the minimal GEMM sequence; "speedup" >= 0.77 meets it).
-Extra: forward only vs the dense GEMM (docs/design.md#performance-yardsticks), a token sweep, and fused
-vs merged path at several T (to check ``kernels.wegeft.choose_path``).
+Extra: forward only vs the dense GEMM (docs/design.md#performance-yardsticks), a token sweep, fused
+vs merged path at several T (to check ``kernels.wegeft.choose_path``), and B / W' generation for
+d_out = 1024 (GQA k/v: the split-K generate, ``kernels.wegeft.generate_splits``) next to d_out = 4096
+(one sweep), d_in = 4096: ``wegeft.generate_b``, ``wegeft.merge_by_d_out``.
 """
 from __future__ import annotations
 
@@ -118,15 +120,29 @@ def _layer_bytes(t, d_in, d_out, e):
     return e * (3 * t * d_in + 2 * t * d_out + 2 * d_in * d_out)
 
 
-def _merge_inputs(device, d, r, dtype):
+def _merge_inputs(device, d, r, dtype, d_out=None):
+    """W [d_out, d] (default square), Φ, Ψ [r, d]; ``b_out`` [d_out, r] and ``out`` [d_out, d] buffers."""
+    d_out = d if d_out is None else d_out
+
     def make():
         g = torch.Generator(device="cpu").manual_seed(0)
-        w = (torch.randn(d, d, generator=g) * d ** -0.5).to(device=device, dtype=dtype)
+        w = (torch.randn(d_out, d, generator=g) * d ** -0.5).to(device=device, dtype=dtype)
         phi = (torch.randn(r, d, generator=g) * 0.01).to(device=device, dtype=dtype)
         psi = (torch.randn(r, d, generator=g) * d ** -0.5).to(device=device, dtype=dtype)
-        return {"w": w, "phi": phi, "psi": psi, "s": ALPHA / r, "out": torch.empty_like(w)}
+        return {"w": w, "phi": phi, "psi": psi, "s": ALPHA / r, "out": torch.empty_like(w),
+                "b_out": torch.empty(d_out, r, device=device, dtype=dtype)}
 
     return make
+
+
+def _generate_b_peftops(i):
+    from peftops.kernels.wegeft import generate_b
+
+    return generate_b(i["w"], i["phi"], i["s"])
+
+
+def _generate_b_gemm(i):
+    return torch.mm(i["w"], i["phi"].t(), out=i["b_out"]).mul_(i["s"])
 
 
 def _merge_peftops(i):
@@ -147,10 +163,11 @@ def cases(device, quick):
     device = torch.device(device)
     if quick:
         dtype, d, r, tokens, t_main = torch.float32, 128, 16, [32, 64], 64
-        path_tokens, merge_d = [16, 128], 128
+        path_tokens, merge_d, gen_d_outs = [16, 128], 128, [16, 128]
     else:
         dtype, d, r, tokens, t_main = torch.bfloat16, 4096, R, [2048, 4096, 8192, 16384], 16384
         path_tokens, merge_d = [512, 1024, 2048, 4096, 8192], 4096
+        gen_d_outs = [1024, 4096]  # a GQA k/v projection (8 of 32 heads) next to q/o: the split-K generate vs one sweep
     e = torch.tensor([], dtype=dtype).element_size()
     shape = f"T={t_main} d={d} r={r} {str(dtype).replace('torch.', '')}"
     out = [
@@ -191,4 +208,16 @@ def cases(device, quick):
              _merge_peftops, bytes=2 * merge_d * merge_d * e, flops=4 * merge_d * merge_d * r, compile_reference=False,
              note="reference: cuBLAS mm(W, Phi^T) + addmm(W, ., Psi); target speedup >= 1/1.3 = 0.77"),
     ]
+    dt = str(dtype).replace("torch.", "")
+    for d_out in gen_d_outs:  # B = s W Phi^T (fused path, every step) and W' (merged path) by d_out
+        gen_shape = f"{d_out}x{merge_d} r={r} {dt}"
+        out += [
+            Case("wegeft.generate_b", gen_shape, _merge_inputs(device, merge_d, r, dtype, d_out), _generate_b_gemm,
+                 _generate_b_peftops, bytes=e * (d_out * merge_d + r * merge_d + d_out * r),
+                 flops=2 * d_out * merge_d * r, compile_reference=False, sweep=("d_out", d_out),
+                 note="reference: cuBLAS mm(W, Phi^T) * s; peftops: generate_b (split-K below ~SMs/2 row blocks)"),
+            Case("wegeft.merge_by_d_out", gen_shape, _merge_inputs(device, merge_d, r, dtype, d_out), _merge_gemms,
+                 _merge_peftops, bytes=2 * d_out * merge_d * e, flops=4 * d_out * merge_d * r, compile_reference=False,
+                 sweep=("d_out", d_out), note="reference: cuBLAS mm(W, Phi^T) + addmm(W, ., Psi)"),
+        ]
     return out

@@ -26,6 +26,14 @@ Two execution paths, chosen by the token count T (``choose_path``):
 - ``fused`` (small T): a Triton GEMM over the K-concatenation [x | u] · [W | B]ᵀ (forward) and
   [G | v] · [W ; Ψ] (backward), so W' is never materialised; u and v come from thin Triton GEMMs.
 
+Generating B (and W') is one program per BM = 32 rows of W, each sweeping d_in twice (W Φᵀ, then
+W + B Ψ), when that keeps more than a third of the SMs busy (d_out = 4096: 128 programs on 132
+SMs). A smaller d_out (a GQA k/v projection, d_out = 1024: 32 programs) splits d_in
+(``generate_splits``): a split-K pass writes fp32 partials of W Φᵀ, and a finish kernel over (row
+block, d_in range) sums them in split order, then stores B and merges its own range of W's columns
+(1024 x 4096: 128 programs of 32 x 1024 each; the gain is estimated from the programs per SM, not
+measured on a GPU yet).
+
 The reductions over tokens (ū with db fused, dΨ) and the r × d_in product dΦ are split-K Triton
 kernels with a deterministic fp32 reduction of the splits. Every kernel accumulates in fp32 (fp64 for
 fp64 inputs, used by CPU gradcheck under the interpreter).
@@ -121,28 +129,56 @@ if HAS_TRITON:
             return tl.dot(a, b, acc)
 
     @triton.jit
+    def _merge_rows(
+        w_ptr, psi_ptr, w_out_ptr, bq, rows64, rmask, rr, rrmask, n_start, n_end,
+        stride_w0, stride_w1, stride_psi0, stride_psi1, stride_o0, stride_o1,
+        BN: tl.constexpr, ACC_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
+    ):
+        """w_out[rows, n_start:n_end] = W + bq Ψ for one block of rows; bq [BM, RP] already in W's dtype."""
+        for n0 in range(n_start, n_end, BN):
+            ns = n0 + tl.arange(0, BN)
+            nmask = ns < n_end
+            m2 = rmask[:, None] & nmask[None, :]
+            w = tl.load(w_ptr + rows64[:, None] * stride_w0 + ns[None, :] * stride_w1, mask=m2, other=0.0)
+            psi = tl.load(psi_ptr + rr[:, None] * stride_psi0 + ns[None, :] * stride_psi1,
+                          mask=rrmask[:, None] & nmask[None, :], other=0.0)  # [RP, BN]
+            out = _mma(bq, psi, w.to(tl.float64 if ACC_FP64 else tl.float32), ACC_FP64, INTERP_BF16)
+            tl.store(w_out_ptr + rows64[:, None] * stride_o0 + ns[None, :] * stride_o1,
+                     _cvt(out, w_out_ptr.dtype.element_ty, INTERP_BF16), mask=m2)
+
+    @triton.jit
     def _generate_kernel(
-        w_ptr, phi_ptr, psi_ptr, b_out_ptr, w_out_ptr,
-        d_out, d_in, r,
+        w_ptr, phi_ptr, psi_ptr, b_out_ptr, w_out_ptr, ws_ptr,
+        d_out, d_in, r, k_per_split,
         stride_w0, stride_w1, stride_phi0, stride_phi1, stride_psi0, stride_psi1,
         stride_b0, stride_b1, stride_o0, stride_o1,
         scaling, seed, thresh,
         BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
-        STORE_B: tl.constexpr, MERGE: tl.constexpr, DROPOUT: tl.constexpr, ACC_FP64: tl.constexpr,
-        INTERP_BF16: tl.constexpr,
+        STORE_B: tl.constexpr, MERGE: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
+        ACC_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
     ):
         """One block of BM rows of W: B = scaling · (W∘M) Φᵀ (pass 1, over d_in) into b_out, then
         optionally W + B Ψ (pass 2, over d_in) into w_out (which may be W itself: a program only
-        rewrites its own rows, after it has finished reading them in pass 1)."""
+        rewrites its own rows, after it has finished reading them in pass 1).
+
+        SPLIT (grid [row blocks, splits]): program (m, s) runs pass 1 over columns
+        [s·k_per_split, (s+1)·k_per_split) only and stores the unscaled fp32 (fp64) partial
+        (W∘M)[rows, cols] Φ[:, cols]ᵀ into ws[s, rows, :]; _generate_finish_kernel does the rest."""
         pid = tl.program_id(0)
         rows = pid * BM + tl.arange(0, BM)
         rmask = rows < d_out
         rows64 = rows.to(tl.int64)
         rr = tl.arange(0, RP)
         rrmask = rr < r
+        if SPLIT:
+            k_start = tl.program_id(1) * k_per_split
+            k_len = tl.minimum(k_per_split, d_in - k_start)
+        else:
+            k_start = 0
+            k_len = d_in
         acc = tl.zeros([BM, RP], dtype=tl.float64 if ACC_FP64 else tl.float32)
-        for k0 in range(0, d_in, BK):
-            ks = k0 + tl.arange(0, BK)
+        for k0 in range(0, k_len, BK):
+            ks = k_start + k0 + tl.arange(0, BK)
             kmask = ks < d_in
             w = tl.load(w_ptr + rows64[:, None] * stride_w0 + ks[None, :] * stride_w1,
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -151,22 +187,59 @@ if HAS_TRITON:
             phit = tl.load(phi_ptr + rr[None, :] * stride_phi0 + ks[:, None] * stride_phi1,
                            mask=rrmask[None, :] & kmask[:, None], other=0.0)  # Φᵀ tile [BK, RP]
             acc = _mma(w, phit, acc, ACC_FP64, INTERP_BF16)
+        if SPLIT:
+            # every entry of ws[s, :d_out, :RP] is written (columns r.. RP hold exact zeros)
+            ws = ws_ptr + (tl.program_id(1).to(tl.int64) * d_out + rows64[:, None]) * RP + rr[None, :]
+            tl.store(ws, acc, mask=rmask[:, None])
+        else:
+            b = acc * scaling
+            if STORE_B:
+                tl.store(b_out_ptr + rows64[:, None] * stride_b0 + rr[None, :] * stride_b1,
+                         _cvt(b, b_out_ptr.dtype.element_ty, INTERP_BF16), mask=rmask[:, None] & rrmask[None, :])
+            if MERGE:
+                bq = _cvt(b, w_ptr.dtype.element_ty, INTERP_BF16)  # exact for fp32/fp64; one rounding of B for half types
+                _merge_rows(w_ptr, psi_ptr, w_out_ptr, bq, rows64, rmask, rr, rrmask, 0, d_in,
+                            stride_w0, stride_w1, stride_psi0, stride_psi1, stride_o0, stride_o1,
+                            BN, ACC_FP64, INTERP_BF16)
+
+    @triton.jit
+    def _generate_finish_kernel(
+        ws_ptr, w_ptr, psi_ptr, b_out_ptr, w_out_ptr,
+        d_out, d_in, r, splits, n_per_split,
+        stride_w0, stride_w1, stride_psi0, stride_psi1, stride_b0, stride_b1, stride_o0, stride_o1,
+        scaling,
+        BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, STORE_B: tl.constexpr, MERGE: tl.constexpr,
+        ACC_FP64: tl.constexpr, INTERP_BF16: tl.constexpr,
+    ):
+        """Program (m, c) after the SPLIT pass: B[rows] = scaling · (ws[0] + ws[1] + ... + ws[splits-1])[rows],
+        summed in that order (every program of row block m gets the same bits), stored by c = 0; then
+        W + B Ψ over columns [c·n_per_split, (c+1)·n_per_split) into w_out (W itself allowed: the
+        program reads each W tile before it writes it, and the SPLIT pass has finished reading W)."""
+        pid = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid * BM + tl.arange(0, BM)
+        rmask = rows < d_out
+        rows64 = rows.to(tl.int64)
+        rr = tl.arange(0, RP)
+        rrmask = rr < r
+        m_b = rmask[:, None] & rrmask[None, :]
+        acc = tl.zeros([BM, RP], dtype=tl.float64 if ACC_FP64 else tl.float32)
+        ws = ws_ptr + rows[:, None] * RP + rr[None, :]  # int32 offsets: ws has < 2^31 entries (launcher)
+        for _ in range(0, splits):
+            acc += tl.load(ws, mask=m_b, other=0.0)
+            ws += d_out * RP  # the next split's [d_out, RP] slab
         b = acc * scaling
         if STORE_B:
-            tl.store(b_out_ptr + rows64[:, None] * stride_b0 + rr[None, :] * stride_b1,
-                     _cvt(b, b_out_ptr.dtype.element_ty, INTERP_BF16), mask=rmask[:, None] & rrmask[None, :])
+            if pid_c == 0:
+                tl.store(b_out_ptr + rows64[:, None] * stride_b0 + rr[None, :] * stride_b1,
+                         _cvt(b, b_out_ptr.dtype.element_ty, INTERP_BF16), mask=m_b)
         if MERGE:
-            bq = _cvt(b, w_ptr.dtype.element_ty, INTERP_BF16)  # exact for fp32/fp64; one rounding of B for half types
-            for n0 in range(0, d_in, BN):
-                ns = n0 + tl.arange(0, BN)
-                nmask = ns < d_in
-                m2 = rmask[:, None] & nmask[None, :]
-                w = tl.load(w_ptr + rows64[:, None] * stride_w0 + ns[None, :] * stride_w1, mask=m2, other=0.0)
-                psi = tl.load(psi_ptr + rr[:, None] * stride_psi0 + ns[None, :] * stride_psi1,
-                              mask=rrmask[:, None] & nmask[None, :], other=0.0)  # [RP, BN]
-                out = _mma(bq, psi, w.to(acc.dtype), ACC_FP64, INTERP_BF16)
-                tl.store(w_out_ptr + rows64[:, None] * stride_o0 + ns[None, :] * stride_o1,
-                         _cvt(out, w_out_ptr.dtype.element_ty, INTERP_BF16), mask=m2)
+            bq = _cvt(b, w_ptr.dtype.element_ty, INTERP_BF16)  # as in _generate_kernel
+            n_start = pid_c * n_per_split
+            _merge_rows(w_ptr, psi_ptr, w_out_ptr, bq, rows64, rmask, rr, rrmask,
+                        n_start, tl.minimum(n_start + n_per_split, d_in),
+                        stride_w0, stride_w1, stride_psi0, stride_psi1, stride_o0, stride_o1,
+                        BN, ACC_FP64, INTERP_BF16)
 
     # token counts only bound masks / pick autotune buckets: not specialized, so a new batch
     # shape never recompiles (see docs/gpu-verification.md)
@@ -359,28 +432,82 @@ def _thin_blocks(rp: int, itemsize: int):
     return bt, (bk if itemsize <= 2 else bk // 2)
 
 
+# SM count the generate split assumes off a GPU (interpreter, compile-check capture): small, so that
+# the small test and driver shapes (at most 2 row blocks) split and the larger ones do not; tests
+# change it to force either.
+_OFF_GPU_SMS = 8
+
+
+def _generate_blocks(rp: int, itemsize: int):
+    """(BM, BK, BN, warps) of the generate kernels; small under the interpreter."""
+    if interpreting():
+        return 16, 32, 32, 4
+    bm, bk, bn = (32, 128, 128) if rp <= 64 else (16, 64, 64)
+    if itemsize > 2:  # fp32 tiles of the 16-bit size spill at 255 registers (ptxas)
+        bk, bn = bk // 2, bn // 2
+    return bm, bk, bn, 4
+
+
+def generate_splits(d_out: int, d_in: int, rp: int, bm: int, bk: int, sms: int) -> int:
+    """How many d_in ranges the W Φᵀ product of a generate call is split into (1: one kernel, no split).
+
+    One program per BM rows streams its rows' W and all of Φ, Ψ through one SM; its K steps run one
+    after another, so with few programs the sweep is bound by that chain, not by HBM. Above a third
+    of the SMs (d_out = 2048 at BM = 32: 64 programs) the programs already pull W at about the HBM
+    rate (each step moves BM·BK W entries plus BK·RP of Φ at ≤ 64 B/cycle per SM), and a split would
+    add a launch and a second read of W for the merge: estimated, not measured on a GPU yet. Below
+    it (a GQA k/v projection, d_out = 1024: 32 programs on 132 SMs) d_in is split so that row blocks
+    × splits ≤ SMs (1024: 4 splits, 128 programs), capped by the K steps and by splits² ≤ d_in / RP
+    (a finish program reduces splits · BM · RP partials: at most the BM · d_in / splits entries of W
+    it merges)."""
+    row_blocks = -(-d_out // bm)
+    if row_blocks == 0 or 3 * row_blocks > sms:
+        return 1
+    return max(1, min(-(-d_in // bk), sms // row_blocks, math.isqrt(d_in // rp)))
+
+
 def _launch_generate(weight, phi, psi, eff_scale, *, b_out=None, w_out=None, seed=0, thresh=0):
+    """B = eff_scale · (W∘M) Φᵀ into b_out and/or W + B Ψ into w_out (docs: module docstring).
+
+    Large d_out: one _generate_kernel sweep over W's rows. Small d_out (``generate_splits`` > 1): a
+    split-K pass writes fp32 partials [splits, d_out, RP], then _generate_finish_kernel over (row
+    block, d_in range) sums them in split order, stores B and merges its range: deterministic (the
+    split count depends only on the shape and the SM count), no atomics."""
     d_out, d_in = weight.shape
     r = phi.shape[0]
     rp = _rank_pad(r)
-    if interpreting():
-        bm, bk, bn, warps = 16, 32, 32, 4
-    else:
-        bm, bk, bn, warps = (32, 128, 128, 4) if rp <= 64 else (16, 64, 64, 4)
-        if weight.element_size() > 2:  # fp32 tiles of the 16-bit size spill at 255 registers (ptxas)
-            bk, bn = bk // 2, bn // 2
+    bm, bk, bn, warps = _generate_blocks(rp, weight.element_size())
+    splits = generate_splits(d_out, d_in, rp, bm, bk, sm_count(weight.device, off_gpu=_OFF_GPU_SMS))
+    k_per_split = triton.cdiv(triton.cdiv(d_in, bk), splits) * bk
+    splits = triton.cdiv(d_in, k_per_split) if splits > 1 else 1  # no empty trailing split
     dummy = weight
     bo = b_out if b_out is not None else dummy
     wo = w_out if w_out is not None else dummy
-    _generate_kernel[(triton.cdiv(d_out, bm),)](
-        weight, phi, psi, bo, wo, d_out, d_in, r,
+    row_blocks = triton.cdiv(d_out, bm)
+    ws = _new((splits, d_out, rp), acc_dtype(weight.dtype), weight.device) if splits > 1 else dummy
+    # splits · row blocks ≤ SMs bounds ws by SMs · BM · RP entries: int32 offsets in the finish kernel
+    assert splits == 1 or ws.numel() < 2**31, ws.shape
+    meta = dict(BM=bm, RP=rp, ACC_FP64=acc_fp64(weight.dtype), INTERP_BF16=_upcast(weight), num_warps=warps)
+    # fp32 at RP = 64: the finish's 32 x 64 merge tiles sit at 255 registers and spill 200 B (ptxas,
+    # sm_90a); 32 x 32 ones take 64 registers and none
+    bn_finish = bn // 2 if weight.element_size() > 2 and rp == 64 and not interpreting() else bn
+    _generate_kernel[(row_blocks, splits)](
+        weight, phi, psi, bo, wo, ws, d_out, d_in, r, k_per_split,
         weight.stride(0), weight.stride(1), phi.stride(0), phi.stride(1), psi.stride(0), psi.stride(1),
         bo.stride(0), bo.stride(1), wo.stride(0), wo.stride(1),
         float(eff_scale), int(seed), int(thresh),
-        BM=bm, BK=bk, BN=bn, RP=rp, STORE_B=b_out is not None, MERGE=w_out is not None,
-        DROPOUT=thresh > 0, ACC_FP64=acc_fp64(weight.dtype), INTERP_BF16=_upcast(weight), num_warps=warps,
+        BK=bk, BN=bn, STORE_B=splits == 1 and b_out is not None, MERGE=splits == 1 and w_out is not None, SPLIT=splits > 1,
+        DROPOUT=thresh > 0, **meta,
         enable_fp_fusion=True,  # GEMM (B = s·WΦᵀ, then W + BΨ): FMA only adds accuracy; no bitwise claim
     )
+    if splits > 1:
+        _generate_finish_kernel[(row_blocks, splits if w_out is not None else 1)](
+            ws, weight, psi, bo, wo, d_out, d_in, r, splits, k_per_split,
+            weight.stride(0), weight.stride(1), psi.stride(0), psi.stride(1),
+            bo.stride(0), bo.stride(1), wo.stride(0), wo.stride(1), float(eff_scale),
+            BN=bn_finish, STORE_B=b_out is not None, MERGE=w_out is not None, **meta,
+            enable_fp_fusion=True,  # split sum, then W + BΨ: FMA only adds accuracy; no bitwise claim
+        )
 
 
 def _launch_thin_right(m, rmat, out):

@@ -145,7 +145,8 @@ def wegeft_linear(
 
     All tensors share one float dtype and device. W must not require grad (it is frozen).
     ``dropout_p`` > 0: the generated branch uses W∘M/(1-p) with a fresh keep-mask M over W's entries
-    per call (``dropout_seed`` fixes it); the x Wᵀ term never sees dropout. ``path``: "auto" (by token
+    per call (``dropout_seed`` fixes it: an int or a CPU tensor; a CUDA tensor is copied to the host, one
+    sync per call); the x Wᵀ term never sees dropout. ``path``: "auto" (by token
     count), "fused" or "merged" (kernels/wegeft.py). Returns [..., d_out].
     """
     K.check_linear_inputs(x, weight, bias, phi, psi, scaling, dropout_p, path)

@@ -7,8 +7,10 @@ On CPU none of them costs anything, so they are counted instead: ``count_host_sy
 every such call made while it is active, at two levels:
 
 * the ATen ops (a TorchDispatchMode sees ``_local_scalar_dense``, ``nonzero``, ``_unique2``, ...);
-* the Python methods that read tensor memory without an ATen op on CPU (``tolist``, ``numpy``,
-  ``cpu``, ``__array__``), wrapped for the duration only.
+* the Python methods and functions that read tensor data (``tolist``, ``numpy``, ``cpu``, ``item``,
+  ``bool()``/``int()``/``float()``, ``nonzero``, ``unique``, ``masked_select``), wrapped for the duration
+  only: on CPU some of them make no ATen op, and the dispatch mode does not see inside torch.library
+  custom ops, where most of peftops' work runs.
 
 Calls made from inside triton (the CPU interpreter runs kernels on host arrays) are not counted:
 on a GPU those are kernel launches. Tensors that live on the host by design (an optimizer's step
@@ -40,7 +42,10 @@ _SYNC_OPS = {
     _aten.equal.default,
     _aten.is_nonzero.default,
 }
-_PY_METHODS = ("tolist", "numpy", "cpu", "__array__")
+# Python-level entry points, wrapped too: the dispatch mode does not see inside torch.library custom ops
+_PY_METHODS = ("tolist", "numpy", "cpu", "__array__", "item", "__bool__", "__int__", "__float__", "__index__",
+               "nonzero", "unique", "unique_consecutive", "masked_select")
+_PY_FUNCTIONS = ("nonzero", "unique", "unique_consecutive", "masked_select")
 _OURS = (f"{os.sep}peftops{os.sep}", f"{os.sep}kernels{os.sep}")
 
 
@@ -132,11 +137,24 @@ def count_host_syncs(allow=()):
             return orig(self, *args, **kwargs)
         return method
 
+    saved_fns = {name: getattr(torch, name) for name in _PY_FUNCTIONS}
+
+    def wrap_fn(name, orig):
+        def fn(*args, **kwargs):
+            if not _from_triton() and not log.allowed(_tensors(args)):
+                log.record(f"torch.{name}")
+            return orig(*args, **kwargs)
+        return fn
+
     for name, orig in saved.items():
         setattr(torch.Tensor, name, wrap(name, orig))
+    for name, orig in saved_fns.items():
+        setattr(torch, name, wrap_fn(name, orig))
     try:
         with _SyncMode(log):
             yield log
     finally:
         for name, orig in saved.items():
             setattr(torch.Tensor, name, orig)
+        for name, orig in saved_fns.items():
+            setattr(torch, name, orig)

@@ -95,6 +95,19 @@ def test_the_counter_sees_what_a_gpu_would_wait_for():
     assert len(log.events) >= 4
 
 
+@torch.library.custom_op("peftops_test::reads_a_scalar", mutates_args=())
+def _reads_a_scalar(t: torch.Tensor) -> torch.Tensor:
+    if int(t.sum()) > 0 and t.nonzero().numel():
+        return t + 1
+    return t.clone()
+
+
+def test_the_counter_sees_inside_custom_ops():
+    with count_host_syncs() as log:
+        _reads_a_scalar(torch.arange(3))
+    assert {what for what, _ in log.events} >= {"Tensor.__int__", "Tensor.nonzero"}, [w for w, _ in log.events]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sift_training_step_has_no_host_sync_on_cuda():
     model, opt = _sift_model("cuda")
@@ -130,11 +143,14 @@ def test_aot_training_step_has_no_host_sync(reparam):
 
 
 @needs_interpreter
-def test_wegeft_training_step_has_no_host_sync():
+@pytest.mark.parametrize("wide", [False, True], ids=["one-kernel", "split-generate"])
+def test_wegeft_training_step_has_no_host_sync(wide):
+    """wide: hidden 64 makes the interpreter's generate take the split-K pass + finish kernel."""
     from peftops.wegeft import WeGeFTConfig
 
     with force_backend("triton"):
-        model = peftops.apply(tiny_llama(), WeGeFTConfig(r=4))
+        model = tiny_llama(hidden=64, intermediate=48) if wide else tiny_llama()
+        model = peftops.apply(model, WeGeFTConfig(r=4, init_weights=not wide))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         batches = _batches(3, 37)
         train_steps(model, opt, batches[:1])
