@@ -728,6 +728,8 @@ def generate_splits(d_out: int, d_in: int, r: int, elem_bytes: int = 2, sms: int
     rp = _rank_pad(r)
     bm, bk = generate_blocks(r, elem_bytes)
     row_blocks = cdiv(d_out, bm)
+    if row_blocks == 0 or 3 * row_blocks > sms:  # the programs already cover a third of the SMs
+        return 1
     return max(1, min(cdiv(d_in, bk), sms // row_blocks, math.isqrt(d_in // rp)))
 
 

@@ -149,7 +149,8 @@ def test_other_mirrored_choices_match_the_kernels(monkeypatch):
     from peftops.kernels import wegeft as KW
 
     monkeypatch.setattr(KW, "interpreting", lambda: False)
-    for d_out, d_in, r in ((512, 4096, 64), (1024, 4096, 64), (4096, 4096, 64), (1024, 11008, 16), (97, 4096, 128)):
+    for d_out, d_in, r in ((512, 4096, 64), (1024, 4096, 64), (2048, 4096, 64), (1408, 4096, 16), (4096, 4096, 64),
+                           (1024, 11008, 16), (97, 4096, 128)):
         for e in (2, 4):
             rp = PM._rank_pad(r)
             bm, bk, bn, _ = KW._generate_blocks(rp, e)
