@@ -296,11 +296,12 @@ def test_aot_training_step_has_no_host_sync(reparam):
                 model(**batch).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        assert not log.events, log.report()
+        assert not log.events, log.report(log.events)
         # the check can fail: the torch.unique capture this replaced is seen
         with count_host_syncs(allow=_step_counters(opt)) as old:
             _unique_capture(aot.get_aot(model), batches[1]["input_ids"])
-        assert [what for what, _ in old.events] == ["aten._unique2"]
+        seen = [what for what, _ in old.events]
+        assert "aten._unique2" in seen and set(seen) <= {"torch.unique", "aten._unique2"}, seen
 
 
 @needs_interpreter
@@ -313,7 +314,7 @@ def test_multi_task_serving_forward_has_no_host_sync():
         want = model(ids).logits
         with count_host_syncs() as log:
             got = model(ids).logits
-    assert not log.events, log.report()
+    assert not log.events, log.report(log.events)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 

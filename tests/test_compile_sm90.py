@@ -75,8 +75,10 @@ def test_variants_are_what_the_jit_specializes():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("sift.", "cka."))]
     sddmm = [ln for ln in lines if ln.startswith("sift._sddmm_chunk_kernel")]
-    for block_e, warps in ((64, 4), (128, 4)):  # fp64 / the others: one fixed config per dtype
-        assert any(f"BLOCK_E={block_e}" in ln and f"w{warps} " in ln for ln in sddmm), (block_e, sddmm[:5])
+    # one fixed config per dtype (kernels/sift.py _sddmm_params): fp64, fp32, 16-bit
+    for dt, block_e, warps in (("fp64", 64, 4), ("fp32/i", 128, 8), ("bf16", 128, 16), ("fp16", 128, 16)):
+        assert any(ln.split("[", 1)[1].startswith(dt) and f"BLOCK_E={block_e}" in ln and f"w{warps} " in ln
+                   for ln in sddmm), (dt, block_e, warps, sddmm[:8])
     assert any("=1:" in ln for ln in lines), "no unit-size (constexpr 1) variant captured"
     # CKA's column means of y are a view at offset dx of one buffer: unaligned for odd dx
     assert any(ln.startswith("cka.") and "unaligned:" in ln for ln in lines)
